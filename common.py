@@ -1,0 +1,984 @@
+"""Shared pieces of the three pretraining scripts and eval_probe.py: the ViT, patches and masks, data, distributed
+setup, schedules, checkpoints and logging. Nothing here is specific to one method.
+
+Reproducibility design (what makes kill/resume and DDP == one process exact):
+- the data order of epoch e is a permutation seeded by (seed, e); optimizer step s, accumulation micro-step a and
+  rank r always read the same slice of it (`ResumableSampler`), and a resumed epoch starts at the saved slice;
+- each sample's augmentation is seeded by (seed, epoch, index), so it does not depend on workers or processes;
+- model-side randomness (masks, jitter, drop path) comes from `StepRandom`: drawn for the whole optimizer-step batch
+  from a generator seeded by (seed, step), of which each process and micro-step keeps its own rows.
+"""
+import argparse, contextlib, json, math, os, sys, time
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# ----------------------------------------------------------------------------------------------------------- errors
+class UserError(Exception):
+    """A problem with the user's input (paths, flags, files): printed as one line, exit code 2, no traceback."""
+
+
+def run_main(main, parser):
+    """Parse flags and run `main(args)`; user errors become a one-line message and exit code 2."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+# -------------------------------------------------------------------------------------------- position embeddings
+def get_1d_sincos_pos_embed(embed_dim, pos):
+    """omega_d = 1 / 10000^(d / (D/2)), d = 0..D/2-1;  emb(pos) = [sin(pos * omega), cos(pos * omega)]  -> [M, D]"""
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
+    out = pos.reshape(-1).double()[:, None] * omega[None]  # [M, D/2]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
+    """MAE's fixed 2-D sin-cos table [grid_size**2 (+1), embed_dim], row-major over the patch grid. As in MAE, the
+    first half of the channels encodes the column (x) and the second half the row (y); the cls row is zeros."""
+    assert embed_dim % 4 == 0, "sin-cos position embeddings need embed_dim divisible by 4"
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)], 1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float()
+
+
+# --------------------------------------------------------------------------------------------------------------- ViT
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # [B, N, D]
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernel where available
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, p, training, rng=None):
+    """Stochastic depth: zero a residual branch per sample with probability p, scale the rest by 1/(1-p)."""
+    if p == 0.0 or not training:
+        return x
+    u = rng.rand() if rng is not None else torch.rand(x.shape[0], device=x.device)  # [B]
+    keep = (u >= p).to(x.dtype) / (1.0 - p)
+    return x * keep.view(-1, *([1] * (x.ndim - 1)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, norm_eps=1e-6):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=norm_eps), Attention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=norm_eps), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x, rng=None):  # rng: StepRandom, so that drop path is reproducible across processes
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training, rng)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, rng)
+
+
+VIT_PRESETS = {  # name -> (embed_dim, depth, num_heads, patch_size)
+    "micro": (64, 4, 4, 8),  # for tests and the synthetic demo only
+    "tiny": (192, 12, 3, 16), "small": (384, 12, 6, 16), "base": (768, 12, 12, 16),
+    "large": (1024, 24, 16, 16), "huge": (1280, 32, 16, 14),
+}
+
+
+def init_weights_mae(module):
+    """MAE init: xavier_uniform Linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class ViT(nn.Module):
+    """Vision Transformer encoder with the common parameter names (timm / MAE / DINO / iBOT layout) and fixed 2-D
+    sin-cos position embeddings. The pieces are separate so that methods can embed any subset of patches, run the
+    blocks one at a time (dropping tokens in between) and apply the final norm themselves."""
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 drop_path_rate=0.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise UserError(f"image size {img_size} is not divisible by the patch size {patch_size}")
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # fixed, not trained; a persistent buffer so that it is saved and loads from public checkpoints
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(embed_dim, self.grid_size, cls_token=True)[None])
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows linearly with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.apply(init_weights_mae)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear on the flattened patch
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def patch_tokens(self, imgs):
+        """[B, 3, H, W] -> [B, L, D] patch embeddings, no position."""
+        return self.patch_embed.proj(imgs).flatten(2).transpose(1, 2)
+
+    def embed_pixels(self, patches):
+        """[B, N, p*p*3] flattened pixels (`patchify` order) -> [B, N, D], the same map as the conv embedding."""
+        w = self.patch_embed.proj.weight.permute(0, 2, 3, 1).flatten(1)  # [D, p*p*3] in (p, q, c) order
+        return F.linear(patches, w, self.patch_embed.proj.bias)
+
+    def add_pos(self, x, ids=None):
+        """x [B, N, D] + the position embeddings of patches ids [B, N] (all L patches in order when ids is None)."""
+        pos = self.pos_embed[:, 1:].to(x.dtype)
+        return x + (pos if ids is None else gather_tokens(pos.expand(x.shape[0], -1, -1), ids))
+
+    def prepend_cls(self, x):
+        """[B, N, D] -> [B, 1+N, D] with the cls token (plus its all-zero position)."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def embed(self, imgs, ids=None):
+        """Images -> [cls, patches ids] tokens with positions, ready for the blocks. ids [B, N] or None (all)."""
+        x = self.patch_tokens(imgs)
+        if ids is not None:
+            x = gather_tokens(x, ids)
+        return self.prepend_cls(self.add_pos(x, ids))
+
+    def forward_blocks(self, x, rng=None):
+        for blk in self.blocks:
+            x = blk(x, rng)
+        return x
+
+    def forward(self, imgs, ids=None):
+        """[B, 3, H, W] -> [B, 1+N, D] normalised tokens (cls first) of patches ids (or all)."""
+        return self.norm(self.forward_blocks(self.embed(imgs, ids)))
+
+
+def build_vit(name, **overrides):
+    """ViT preset by name ('tiny' .. 'huge', 'micro' for tests); keyword arguments override the preset."""
+    if name not in VIT_PRESETS:
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(VIT_PRESETS)}")
+    dim, depth, heads, patch = VIT_PRESETS[name]
+    kw = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return ViT(**kw)
+
+
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+
+
+def encoder_state_dict(state):
+    """Keep the ViT encoder keys of a state dict (drops decoders, heads, mask tokens, fc_norm)."""
+    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def vit_config_from_state_dict(state):
+    """Infer the ViT constructor arguments from the shapes of an encoder state dict (public checkpoints)."""
+    try:
+        w = state["patch_embed.proj.weight"]  # [D, C, p, p]
+        dim, chans, patch = w.shape[0], w.shape[1], w.shape[2]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // patch
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"not a ViT encoder state dict (missing {e})") from None
+    heads = {1280: 16}.get(dim, max(dim // 64, 1))  # shapes do not give the head count: 64-wide heads but ViT-H
+    return dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth, num_heads=heads,
+                mlp_ratio=hidden / dim)
+
+
+STATE_DICT_KEYS = ("encoder", "teacher", "target_encoder", "model", "state_dict", "student", "module", "net")
+STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "student.", "teacher.", "model.")
+
+
+def strip_prefixes(state):
+    """Remove wrapper prefixes (module., _orig_mod., backbone., encoder., ...) however they are stacked."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(STRIP_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def find_encoder_state(ckpt):
+    """The ViT encoder state dict inside a checkpoint of this project or a public one (MAE, DINO, iBOT, timm)."""
+    candidates = [ckpt] + [ckpt[k] for k in STATE_DICT_KEYS if isinstance(ckpt.get(k), dict)]
+    for cand in candidates:
+        state = strip_prefixes({k: v for k, v in cand.items() if torch.is_tensor(v)})
+        if "patch_embed.proj.weight" in state:
+            return encoder_state_dict(state)
+    return None
+
+
+def load_vit(path):
+    """Rebuild the encoder of any checkpoint: this project's format (encoder + encoder_args) or a public ViT with the
+    common key names (architecture inferred from the shapes). Strict: every encoder key must match."""
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt.get("encoder_args"), dict) and isinstance(ckpt.get("encoder"), dict):
+        config, state = ckpt["encoder_args"], ckpt["encoder"]
+    else:
+        state = find_encoder_state(ckpt)
+        if state is None:
+            raise UserError(f"{path} contains no ViT encoder (no patch_embed.proj.weight under "
+                            f"{', '.join(STATE_DICT_KEYS)})")
+        config = vit_config_from_state_dict(state)
+    vit = ViT(**config)
+    load_state(vit, state, "the encoder", path)
+    return vit
+
+
+# ---------------------------------------------------------------------------------------------- patches and masks
+def patchify(imgs, patch_size):
+    """[B, C, H, W] -> [B, L, p*p*C], patches row-major, pixels in (p, q, c) order as in MAE."""
+    return rearrange(imgs, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
+
+
+def unpatchify(patches, patch_size, channels=3):
+    """[B, L, p*p*C] -> [B, C, H, W] for a square grid; the inverse of `patchify`."""
+    h = math.isqrt(patches.shape[1])
+    return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=patch_size, q=patch_size, c=channels)
+
+
+def gather_tokens(x, ids):
+    """x [B, L, ...] at ids [B, N] -> [B, N, ...]."""
+    idx = ids.reshape(*ids.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def random_masking(noise, num_visible):
+    """Per-image random split of L patches: noise [B, L] uniform -> (visible ids [B, V], masked ids [B, L-V]),
+    the V patches with the smallest noise being visible; the same count for every image keeps tensors dense."""
+    order = noise.argsort(dim=1)
+    return order[:, :num_visible], order[:, num_visible:]
+
+
+def mix_seed(*values):
+    """Combine integers into one 63-bit seed (splitmix64-style), so that (seed, step) pairs never collide."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h >> 1
+
+
+class StepRandom:
+    """Model-side randomness of one optimizer step (masks, jitter, drop path). Every draw is made for the whole
+    optimizer-step batch from a generator seeded by (seed, step) and this process / micro-step keeps its rows, so the
+    result does not depend on the number of processes, on accumulation, or on a resume in between. Every process
+    must make the same sequence of draws."""
+    def __init__(self, seed, step, device, rows=None, global_batch=None):
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(mix_seed(seed, step))
+        self.device, self.rows, self.global_batch = device, rows, global_batch
+
+    @classmethod
+    def for_micro_step(cls, seed, step, micro, batch, world, rank, accum, device):
+        start = (micro * world + rank) * batch  # matches ResumableSampler's order
+        return cls(seed, step, device, slice(start, start + batch), batch * world * accum)
+
+    def _take(self, draw, shape):
+        if self.rows is None:  # local use (eval, visualisation): shape includes the batch
+            return draw(shape)
+        return draw((self.global_batch, *shape))[self.rows]
+
+    def rand(self, *shape):
+        """Uniform [0, 1) of shape [B, *shape] (or `shape` itself for a local StepRandom)."""
+        return self._take(lambda s: torch.rand(s, generator=self.gen, device=self.device), shape)
+
+    def randint(self, high, *shape):
+        return self._take(lambda s: torch.randint(high, s, generator=self.gen, device=self.device), shape)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def pretrain_transform(size, scale=(0.2, 1.0)):
+    """MAE pretraining augmentation: RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+                                                          antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(size):
+    """Evaluation: Resize the short side to size * 256/224 (bicubic) + CenterCrop(size) + normalisation."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.ToImage(), v2.Resize(int(size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC,
+                                               antialias=True),
+                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class ImageFolder:
+    """root/<class>/<image> with clear errors for a missing path, no class folders or an empty class.
+    `load(i)` -> (PIL image, label); an unreadable image raises OSError naming its path."""
+    def __init__(self, root):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"data directory not found: {root}")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+        self.samples = []
+        for label, name in enumerate(self.classes):
+            files = sorted(e.path for e in os.scandir(root / name) if e.name.lower().endswith(IMG_EXTENSIONS))
+            if not files:
+                raise UserError(f"class folder {root / name} contains no images")
+            self.samples += [(f, label) for f in files]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def path(self, i):
+        return self.samples[i][0]
+
+    def load(self, i):
+        from PIL import Image
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated / non-image files
+            raise OSError(f"unreadable image {path}: {e}") from None
+
+
+SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "cross",
+                     "h-stripes", "v-stripes", "d-stripes", "checkerboard", "dots")
+
+
+class SyntheticShapes:
+    """Procedural labelled images, a pure function of (seed, index): no download, any size. The class is a shape or
+    a texture (SYNTHETIC_CLASSES) at a random place and scale; colours are random and carry no class information, so
+    a linear probe has to read structure. `load(i)` -> (uint8 tensor [3, size, size], label)."""
+    def __init__(self, size=64, length=2048, seed=0):
+        self.size, self.length, self.seed = size, length, seed
+        self.classes = list(SYNTHETIC_CLASSES)
+
+    def __len__(self):
+        return self.length
+
+    def path(self, i):
+        return f"synthetic:{self.seed}:{i}"
+
+    def load(self, i):
+        g = torch.Generator().manual_seed(mix_seed(self.seed, i))
+        label = int(torch.randint(len(self.classes), (), generator=g))
+        u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g))
+        s = self.size
+        y, x = torch.meshgrid(torch.linspace(0, 1, s), torch.linspace(0, 1, s), indexing="ij")
+        r, cy, cx = u(0.18, 0.35), u(0.35, 0.65), u(0.35, 0.65)
+        dy, dx = y - cy, x - cx
+        per = u(0.06, 0.15)  # texture period
+        shapes = {
+            "disk": dy ** 2 + dx ** 2 < r ** 2,
+            "square": (dy.abs() < r * 0.85) & (dx.abs() < r * 0.85),
+            "triangle": (dy < r * 0.8) & (dy > -r) & (dx.abs() < (dy + r) * 0.6),
+            "ring": ((dy ** 2 + dx ** 2).sqrt() - r * 0.75).abs() < r * 0.25,
+            "cross": ((dy.abs() < r * 0.3) | (dx.abs() < r * 0.3)) & (dy.abs() < r) & (dx.abs() < r),
+        }
+        region = (dy.abs() < r * 1.2) & (dx.abs() < r * 1.2)
+        textures = {
+            "h-stripes": (y / per).floor() % 2 == 0, "v-stripes": (x / per).floor() % 2 == 0,
+            "d-stripes": ((x + y) / per).floor() % 2 == 0,
+            "checkerboard": ((x / per).floor() + (y / per).floor()) % 2 == 0,
+            "dots": ((x / per) % 1 - 0.5) ** 2 + ((y / per) % 1 - 0.5) ** 2 < 0.09,
+        }
+        name = self.classes[label]
+        fg = shapes[name] if name in shapes else region & textures[name]
+        c_bg, c_fg = torch.rand(3, generator=g), torch.rand(3, generator=g)
+        bg = c_bg[:, None, None] * (0.7 + 0.3 * y)  # a gentle gradient
+        img = torch.where(fg, c_fg[:, None, None], bg) + 0.05 * torch.randn(3, s, s, generator=g)
+        return (img.clamp(0, 1) * 255).to(torch.uint8), label
+
+
+def build_dataset(data, split, args=None, size=64, length=2048, seed=0):
+    """'synthetic' -> SyntheticShapes (val uses another seed and a quarter of the length); else ImageFolder(data/split)."""
+    if data == "synthetic":
+        if args is not None:
+            size, length, seed = args.input_size, args.synthetic_size, args.seed
+        return SyntheticShapes(size, length if split == "train" else max(length // 4, 1), seed + (split != "train"))
+    root = Path(data)
+    if not root.is_dir():
+        raise UserError(f"data directory not found: {root}")
+    if not (root / split).is_dir():
+        raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>)")
+    return ImageFolder(root / split)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Wraps a dataset with `load(i)`: applies `transform` and survives unreadable files.
+    Index with i (no seeding, for evaluation) or with (i, seed) from ResumableSampler: the augmentation's randomness
+    is then a function of the seed alone. An unreadable file is replaced by the next readable one and reported in
+    the returned `bad` field (its index, else -1) so that the main process can report it once and count it.
+    Returns (*transformed sample, bad)."""
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        bad = -1
+        for attempt in range(len(self.base)):
+            try:
+                sample = self.base.load((i + attempt) % len(self.base))
+                break
+            except OSError:
+                bad = i if bad < 0 else bad
+        else:
+            raise RuntimeError("no readable image in the dataset")
+        if seed is None:
+            return (*self.transform(*sample), bad)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        state = None if in_worker else torch.get_rng_state()  # do not disturb the main process's generator
+        torch.default_generator.manual_seed(seed)  # the transforms draw from the CPU default generator
+        out = self.transform(*sample)
+        if state is not None:
+            torch.set_rng_state(state)
+        return (*out, bad)
+
+
+def image_transform(transform):
+    """Adapt an image transform to the (image, label) samples of SeededDataset."""
+    return lambda img, label: (transform(img), label)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Epoch-seeded permutation split by global batch: optimizer step s, micro-step a and rank r read
+    perm[((s * accum + a) * world + r) * batch : ... + batch]. Yields (index, augmentation seed). Set `epoch` and
+    `start_chunk` (micro-batches already done in this epoch) before iterating; the last partial step is dropped."""
+    def __init__(self, length, batch, world=1, rank=0, accum=1, seed=0, shuffle=True):
+        self.length, self.batch, self.world, self.rank, self.accum = length, batch, world, rank, accum
+        self.seed, self.shuffle, self.epoch, self.start_chunk = seed, shuffle, 0, 0
+        self.steps_per_epoch = length // (batch * world * accum)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the dataset has {length} images, fewer than one global batch "
+                            f"({batch} x {world} processes x {accum} accumulation steps)")
+
+    def __len__(self):
+        return (self.steps_per_epoch * self.accum - self.start_chunk) * self.batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        perm = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
+        for chunk in range(self.start_chunk, self.steps_per_epoch * self.accum):
+            start = (chunk * self.world + self.rank) * self.batch
+            for i in perm[start:start + self.batch].tolist():
+                yield i, mix_seed(self.seed, self.epoch, i)
+
+
+def make_loader(dataset, batch_size, num_workers, sampler=None, shuffle=False, drop_last=False):
+    """DataLoader with pinned memory and persistent workers; `bad` stays a CPU tensor (no device sync to read it)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else None,
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0))  # own generator: iterating never touches the global RNG
+
+
+# ----------------------------------------------------------------------------------------------------- distributed
+class Dist:
+    """Process layout, detected from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): one code path for CPU,
+    one GPU and torchrun on one or several nodes; gloo on CPU, nccl on CUDA."""
+    def __init__(self, device=None):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = torch.cuda.is_available() if device in (None, "auto") else device == "cuda"
+        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True  # for the fp32 matmuls left outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+        if self.world > 1 and not torch_dist.is_initialized():
+            torch_dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def print(self, *a, **kw):
+        if self.is_main:
+            print(*a, **kw, flush=True)
+
+    def all_reduce_mean(self, t):
+        if self.world > 1:
+            torch_dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            torch_dist.barrier()
+
+    def close(self):
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no GradScaler needed), full fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model):
+    """The plain module inside DDP and/or torch.compile wrappers (its state_dict has clean keys)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ---------------------------------------------------------------------------------------------------------- schedules
+def cosine_schedule(t, total, start, end):
+    """Half-cosine from `start` at t = 0 to `end` at t = total:  end + (start - end) * 0.5 * (1 + cos(pi t / T))."""
+    t = min(max(t, 0.0), total)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t / max(total, 1e-12)))
+
+
+def warmup_cosine(t, total, warmup, peak, start_frac=0.0, end_frac=0.0):
+    """Linear warmup from start_frac * peak to peak over `warmup`, then half-cosine to end_frac * peak at `total`.
+    t, total and warmup in the same unit (fractional epochs in the scripts), so resume needs no scheduler state."""
+    if t < warmup:
+        return peak * (start_frac + (1.0 - start_frac) * t / warmup)
+    return cosine_schedule(t - warmup, total - warmup, peak, peak * end_frac)
+
+
+def ema_momentum(t, total, base):
+    """Teacher momentum rising from `base` to 1 on a cosine:  m(t) = 1 - 0.5 (1 + cos(pi t / T)) (1 - base)."""
+    return cosine_schedule(t, total, base, 1.0)
+
+
+@torch.no_grad()
+def ema_update(target, online, momentum):
+    """q <- m q + (1 - m) p for every parameter pair (same architecture)."""
+    tp, op = list(target.parameters()), list(online.parameters())
+    if len(tp) != len(op):
+        raise ValueError("EMA needs two networks of the same architecture")
+    torch._foreach_lerp_(tp, op, 1.0 - momentum)  # q + (1 - m)(p - q) == m q + (1 - m) p
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms (1-D), tokens and position embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith("token") or "pos_embed" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -------------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, fsync, then rename over `path`, so a kill never leaves a broken checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True; a missing or non-checkpoint file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors differ between torch versions
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} does not contain a checkpoint dictionary")
+    return ckpt
+
+
+def encoder_export(vit, method):
+    """The method-independent part of every checkpoint: enough for eval_probe.py to rebuild the encoder."""
+    return {"encoder": vit.state_dict(), "encoder_args": dict(vit.config), "method": method}
+
+
+def load_state(module, state, what, path):
+    """load_state_dict(strict) with a one-line error for a checkpoint of another architecture."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3])[:300]
+        raise UserError(f"{path}: {what} does not match this model ({detail})") from None
+
+
+def check_output_dir(path):
+    """Create the output directory and make sure it is writable before hours of training."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {path} is not writable ({e.strerror or e})") from None
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ performance
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                   "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}  # dense
+
+
+def device_peak_flops(device):
+    """Dense bf16 peak FLOP/s of a CUDA device, looked up by name; None on CPU or for an unknown device."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def count_flops(fn):
+    """FLOPs of calling fn() (forward and backward if fn does both), counted by torch's FlopCounterMode:
+    2 FLOPs per multiply-add, SDPA included."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def time_steps(step_fn, device, steps=10, warmup=3):
+    """Mean wall time of step_fn() in seconds after warm-up (CUDA-synchronised around the timed loop only),
+    plus the peak CUDA memory in GiB (None on CPU)."""
+    for _ in range(warmup):
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - t0) / steps
+    memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return seconds, memory
+
+
+def bench_report(name, seconds, batch, flops_per_image, device, memory=None):
+    """One line (and a dict) with ms/step, images/s, GFLOP/image and MFU against the device's dense bf16 peak."""
+    peak = device_peak_flops(device)
+    row = {"bench": name, "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+           "batch": batch, "ms_per_step": 1e3 * seconds, "images_per_s": batch / seconds,
+           "gflop_per_image": flops_per_image / 1e9,
+           "mfu": flops_per_image * batch / seconds / peak if peak else None, "peak_mem_gib": memory}
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None),
+          flush=True)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------------ logging
+class NonFiniteGuard:
+    """Stops training on a NaN / inf loss without a host sync per step: the finiteness flag of step t is copied to
+    pinned memory asynchronously and read at step t + 1 (or at `flush`, before every checkpoint)."""
+    def __init__(self):
+        self.pending = None
+
+    def check(self, loss, step):
+        flag = torch.isfinite(loss.detach()).all()
+        event = None
+        if flag.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        previous, self.pending = self.pending, (flag, event, step)
+        if previous is not None:
+            self._raise_if_bad(*previous)
+
+    def flush(self):
+        if self.pending is not None:
+            self._raise_if_bad(*self.pending)
+            self.pending = None
+
+    @staticmethod
+    def _raise_if_bad(flag, event, step):
+        if event is not None:
+            event.synchronize()  # waits for step t only, while step t + 1 is already queued
+        if not bool(flag):
+            raise FloatingPointError(f"non-finite loss at step {step}; training stopped, the checkpoint on disk is "
+                                     f"the last good one")
+
+
+class StepLogger:
+    """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps;
+    `epoch_summary` returns the epoch means plus images/s and data vs step time, and appends a JSON line."""
+    def __init__(self, dist, output_dir, every=20, total_steps=None, initial=0):
+        self.dist, self.every = dist, every
+        self.log_path = Path(output_dir) / "log.jsonl"
+        self.bad_seen, self.bad_in_epoch = set(), 0
+        self.bar = None
+        if dist.is_main and total_steps:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True, mininterval=1.0)
+        self.start_epoch()
+
+    def start_epoch(self):
+        self.sums, self.count, self.images, self.data_time = {}, 0, 0, 0.0
+        self.bad_in_epoch, self.t0 = 0, time.perf_counter()
+
+    def note_bad(self, bad, dataset):
+        """bad: CPU tensor of indices of unreadable files in the batch (-1 where fine); reports each file once."""
+        for i in bad[bad >= 0].tolist():
+            self.bad_in_epoch += 1
+            if i not in self.bad_seen:
+                self.bad_seen.add(i)
+                print(f"warning: skipped unreadable image {dataset.path(i)}", file=sys.stderr, flush=True)
+
+    def update(self, step, metrics, images, data_time):
+        """metrics: dict of 0-d tensors (kept on device) or floats; logs every `every` steps."""
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count, self.images, self.data_time = self.count + 1, self.images + images, self.data_time + data_time
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.every == 0:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.means().items()}, refresh=False)
+
+    def means(self, all_ranks=False):
+        """Means since the epoch started (over all processes with all_ranks: a collective, every rank must call)."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        sums = torch.stack([self.sums[k].to(self.dist.device) for k in keys]) / max(self.count, 1)
+        if all_ranks:
+            self.dist.all_reduce_mean(sums)
+        return dict(zip(keys, sums.tolist()))
+
+    def epoch_summary(self, epoch, **extra):
+        elapsed = time.perf_counter() - self.t0
+        row = {"epoch": epoch, **self.means(all_ranks=True), "images_per_s": self.images * self.dist.world / max(elapsed, 1e-9),
+               "data_time_s": self.data_time, "epoch_time_s": elapsed, "bad_images": self.bad_in_epoch, **extra}
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.dist.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        self.start_epoch()
+        return row
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------------- arguments
+def add_common_args(parser):
+    """Flags shared by the three pretraining scripts; each script sets its paper's defaults with set_defaults."""
+    a = parser.add_argument
+    a("--data", required=True, help="ImageNet-style folder with train/<class>/*.jpg, or 'synthetic' (no download)")
+    a("--output-dir", default="output", help="checkpoints, log.jsonl; a run resumes from its checkpoint here")
+    a("--model", default="base", help=f"ViT preset: {', '.join(VIT_PRESETS)}")
+    a("--patch-size", type=int, default=None, help="override the preset's patch size")
+    a("--input-size", type=int, default=224, help="encoder image size")
+    a("--epochs", type=int, default=800)
+    a("--warmup-epochs", type=float, default=40)
+    a("--batch-size", type=int, default=64, help="per process and micro-step")
+    a("--accum", type=int, default=1, help="gradient accumulation steps; effective batch = batch x procs x accum")
+    a("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
+    a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    a("--weight-decay", type=float, default=0.05)
+    a("--num-workers", type=int, default=8, help="data loading processes per training process")
+    a("--seed", type=int, default=0)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--compile", action="store_true", help="torch.compile the model (checkpoint keys stay clean)")
+    a("--save-every", type=int, default=0, help="also checkpoint every N optimizer steps (0: at epoch ends only)")
+    a("--keep-every", type=int, default=0, help="keep a copy of the checkpoint every N epochs (0: only the latest)")
+    a("--log-every", type=int, default=20, help="progress bar refresh interval in steps")
+    a("--resume", default="", help="checkpoint to resume from (default: output-dir/checkpoint.pth if it exists)")
+    a("--max-steps", type=int, default=0, help="stop after this many optimizer steps in total (0: no limit)")
+    a("--synthetic-size", type=int, default=2048, help="number of training images of --data synthetic")
+    return parser
+
+
+def check_common_args(args):
+    for name in ("epochs", "batch_size", "accum", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        raise UserError("--warmup-epochs must be between 0 and --epochs")
+    if args.num_workers < 0 or args.save_every < 0 or args.max_steps < 0:
+        raise UserError("--num-workers, --save-every and --max-steps must be non-negative")
+
+
+# ------------------------------------------------------------------------------------------------------- training run
+class TrainRun:
+    """Plumbing of a pretraining run, shared by the three scripts: process layout, data in resumable order,
+    automatic resume, atomic checkpoints, the non-finite guard and logging. The loop itself (forward, loss,
+    backward, optimizer and EMA steps) is written out in each method file:
+
+        ddp_model = run.prepare(model, optimizer, encoder)        # resumes from output_dir/checkpoint.pth
+        for epoch in run.epochs():
+            for step in run.steps():
+                set_lr(optimizer, run.lr())
+                for micro, (imgs, labels), rng in run.micro_batches():
+                    with run.no_sync(ddp_model, micro), autocast(run.device):
+                        loss, metrics = ddp_model(imgs, rng)
+                    run.backward(loss)                              # (loss / accum).backward(), summed for the log
+                optimizer.step(); optimizer.zero_grad(set_to_none=True)
+                run.end_step(metrics)                               # guard, log, --save-every
+    """
+    def __init__(self, args, method, dataset):
+        self.args, self.method, self.dataset = args, method, dataset
+        self.dist = Dist(args.device)
+        self.device = self.dist.device
+        self.out = check_output_dir(args.output_dir)
+        a, d = args, self.dist
+        self.sampler = ResumableSampler(len(dataset), a.batch_size, d.world, d.rank, a.accum, a.seed)
+        self.loader = make_loader(dataset, a.batch_size, a.num_workers, self.sampler)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * a.epochs
+        self.effective_batch = a.batch_size * d.world * a.accum
+        self.peak_lr = a.lr if a.lr is not None else a.blr * self.effective_batch / 256
+        self.epoch = self.chunk = self.step = 0  # chunk: micro-batches of the current epoch already trained
+        self.current_lr, self.data_time, self.stopped, self.step_loss = 0.0, 0.0, False, None
+        self.guard = NonFiniteGuard()
+        d.print(f"{method}: {len(dataset)} images, {self.steps_per_epoch} steps/epoch, effective batch "
+                f"{self.effective_batch}, lr {self.peak_lr:.3g}, device {self.device}, {d.world} process(es)")
+
+    def prepare(self, model, optimizer, encoder):
+        """Resume if a checkpoint exists, then compile (optional) and wrap in DDP. Returns the model to call."""
+        self.model, self.optimizer, self.encoder = model, optimizer, encoder
+        path = Path(self.args.resume) if self.args.resume else self.out / "checkpoint.pth"
+        if self.args.resume or path.is_file():
+            self._resume(path)
+        self.logger = StepLogger(self.dist, self.out, self.args.log_every, self.total_steps, self.step)
+        wrapped = torch.compile(model) if self.args.compile else model  # compile before the DDP wrap
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        return wrapped
+
+    def _resume(self, path):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("method") != self.method or "model" not in ckpt or "optimizer" not in ckpt:
+            raise UserError(f"{path} is not a {self.method} training checkpoint (method: {ckpt.get('method')})")
+        load_state(self.model, ckpt["model"], "the model", path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: the optimizer state does not match this model ({e})") from None
+        self.epoch, self.chunk, self.step = ckpt["epoch"], ckpt["chunk"], ckpt["step"]
+        self.dist.print(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+
+    def epochs(self):
+        while self.epoch < self.args.epochs and not self.stopped:
+            self.sampler.epoch, self.sampler.start_chunk = self.epoch, self.chunk
+            yield self.epoch
+            if self.stopped:  # --max-steps reached inside the epoch: save the exact position
+                self.save()
+                break
+            self.epoch, self.chunk = self.epoch + 1, 0
+            self.save()
+            if self.args.keep_every and self.epoch % self.args.keep_every == 0 and self.dist.is_main:
+                save_checkpoint(self.out / f"checkpoint-{self.epoch:04d}.pth", self._state())
+            self.logger.epoch_summary(self.epoch - 1, lr=self.current_lr)
+        self.logger.close()
+
+    def steps(self):
+        self.batches = iter(self.loader)
+        for _ in range(self.chunk // self.args.accum, self.steps_per_epoch):
+            if self.args.max_steps and self.step >= self.args.max_steps:
+                self.stopped = True
+                return
+            yield self.step
+
+    def lr(self, start_frac=0.0, end_frac=0.0):
+        """Learning rate of the current step (warmup + half-cosine over fractional epochs)."""
+        a = self.args
+        self.current_lr = warmup_cosine(self.step / self.steps_per_epoch, a.epochs, a.warmup_epochs, self.peak_lr,
+                                        start_frac, end_frac)
+        return self.current_lr
+
+    def progress(self):
+        """Fraction of training done, in [0, 1] (for momentum and other schedules)."""
+        return self.step / max(self.total_steps, 1)
+
+    def micro_batches(self):
+        """Yields (micro, [tensors on device], StepRandom) for the accumulation micro-steps of one optimizer step."""
+        a, d = self.args, self.dist
+        for micro in range(a.accum):
+            t0 = time.perf_counter()
+            *tensors, bad = next(self.batches)
+            self.logger.note_bad(bad, self.dataset.base)
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+            self.data_time += time.perf_counter() - t0
+            yield micro, tensors, StepRandom.for_micro_step(a.seed, self.step, micro, a.batch_size, d.world, d.rank,
+                                                            a.accum, self.device)
+
+    def no_sync(self, ddp_model, micro):
+        """Skip DDP's gradient all-reduce on all but the last accumulation micro-step."""
+        if self.dist.world > 1 and micro < self.args.accum - 1:
+            return ddp_model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        """Backward of one micro-step's loss scaled by 1/accum; the step's mean loss is kept for the guard and log."""
+        (loss / self.args.accum).backward()
+        loss = loss.detach() / self.args.accum
+        self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+
+    def end_step(self, metrics=None):
+        """After optimizer.step(): non-finite check, log, --save-every."""
+        loss, self.step_loss = self.step_loss, None
+        self.guard.check(loss, self.step)
+        self.step, self.chunk = self.step + 1, self.chunk + self.args.accum
+        logged = {"loss": loss, "lr": self.current_lr, **(metrics or {})}
+        self.logger.update(self.step, logged, self.args.batch_size * self.args.accum, self.data_time)
+        self.data_time = 0.0
+        if self.args.save_every and self.step % self.args.save_every == 0:
+            self.save()
+
+    def _state(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                "chunk": self.chunk, "step": self.step, "args": vars(self.args),
+                **encoder_export(self.encoder, self.method)}
+
+    def save(self):
+        self.guard.flush()  # never write a checkpoint after a non-finite step
+        if self.dist.is_main:
+            save_checkpoint(self.out / "checkpoint.pth", self._state())
