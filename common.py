@@ -81,7 +81,7 @@ def drop_path(x, p, training, rng=None):
     """Stochastic depth: zero a residual branch per sample with probability p, scale the rest by 1/(1-p)."""
     if p == 0.0 or not training:
         return x
-    u = rng.rand() if rng is not None else torch.rand(x.shape[0], device=x.device)  # [B]
+    u = rng.per_sample(x.shape[0]) if rng is not None else torch.rand(x.shape[0], device=x.device)  # [B]
     keep = (u >= p).to(x.dtype) / (1.0 - p)
     return x * keep.view(-1, *([1] * (x.ndim - 1)))
 
@@ -126,6 +126,8 @@ class ViT(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise UserError(f"image size {img_size} is not divisible by the patch size {patch_size}")
+        if embed_dim % num_heads:
+            raise UserError(f"{num_heads} heads do not divide the width {embed_dim}")
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
         self.patch_size, self.embed_dim = patch_size, embed_dim
@@ -208,7 +210,8 @@ def vit_config_from_state_dict(state):
         grid = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // patch
     except (KeyError, ValueError, IndexError, AttributeError) as e:
         raise UserError(f"not a ViT encoder state dict (missing {e})") from None
-    heads = {1280: 16}.get(dim, max(dim // 64, 1))  # shapes do not give the head count: 64-wide heads but ViT-H
+    # shapes do not give the head count: take it from the preset of the same width and depth, else 64-wide heads
+    heads = next((h for d, n, h, _ in VIT_PRESETS.values() if (d, n) == (dim, depth)), max(dim // 64, 1))
     return dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth, num_heads=heads,
                 mlp_ratio=hidden / dim)
 
@@ -237,9 +240,10 @@ def find_encoder_state(ckpt):
     return None
 
 
-def load_vit(path):
+def load_vit(path, num_heads=None):
     """Rebuild the encoder of any checkpoint: this project's format (encoder + encoder_args) or a public ViT with the
-    common key names (architecture inferred from the shapes). Strict: every encoder key must match."""
+    common key names (architecture inferred from the shapes; `num_heads` overrides the inferred head count, which
+    shapes cannot tell). Strict: every encoder key must match."""
     ckpt = load_checkpoint(path)
     if isinstance(ckpt.get("encoder_args"), dict) and isinstance(ckpt.get("encoder"), dict):
         config, state = ckpt["encoder_args"], ckpt["encoder"]
@@ -249,6 +253,8 @@ def load_vit(path):
             raise UserError(f"{path} contains no ViT encoder (no patch_embed.proj.weight under "
                             f"{', '.join(STATE_DICT_KEYS)})")
         config = vit_config_from_state_dict(state)
+    if num_heads:
+        config = {**config, "num_heads": num_heads}
     vit = ViT(**config)
     load_state(vit, state, "the encoder", path)
     return vit
@@ -314,6 +320,10 @@ class StepRandom:
 
     def randint(self, high, *shape):
         return self._take(lambda s: torch.randint(high, s, generator=self.gen, device=self.device), shape)
+
+    def per_sample(self, batch):
+        """One uniform number per sample, [batch], in either mode."""
+        return self.rand() if self.rows is not None else self.rand(batch)
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -585,7 +595,8 @@ def ema_update(target, online, momentum):
     tp, op = list(target.parameters()), list(online.parameters())
     if len(tp) != len(op):
         raise ValueError("EMA needs two networks of the same architecture")
-    torch._foreach_lerp_(tp, op, 1.0 - momentum)  # q + (1 - m)(p - q) == m q + (1 - m) p
+    if tp:
+        torch._foreach_lerp_(tp, op, 1.0 - momentum)  # q + (1 - m)(p - q) == m q + (1 - m) p
 
 
 def param_groups(model, weight_decay):
@@ -608,6 +619,7 @@ def set_lr(optimizer, lr):
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, fsync, then rename over `path`, so a kill never leaves a broken checkpoint."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -745,12 +757,14 @@ class NonFiniteGuard:
 
 
 class StepLogger:
-    """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps;
-    `epoch_summary` returns the epoch means plus images/s and data vs step time, and appends a JSON line."""
+    """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps,
+    when the progress bar shows their means with images/s, the data-loading share of the time and MFU (when
+    `flops_per_image` is set and the device's peak is known). `epoch_summary` appends a JSON line per epoch."""
     def __init__(self, dist, output_dir, every=20, total_steps=None, initial=0):
         self.dist, self.every = dist, every
         self.log_path = Path(output_dir) / "log.jsonl"
         self.bad_seen, self.bad_in_epoch = set(), 0
+        self.flops_per_image, self.peak = None, device_peak_flops(dist.device)
         self.bar = None
         if dist.is_main and total_steps:
             from tqdm import tqdm
@@ -760,6 +774,14 @@ class StepLogger:
     def start_epoch(self):
         self.sums, self.count, self.images, self.data_time = {}, 0, 0, 0.0
         self.bad_in_epoch, self.t0 = 0, time.perf_counter()
+        self.interval_images, self.interval_data, self.t_interval = 0, 0.0, self.t0
+
+    def rates(self, images, data_time, seconds):
+        """images/s over all processes, share of the time spent waiting for data, and MFU per device."""
+        out = {"images_per_s": images * self.dist.world / max(seconds, 1e-9), "data_share": data_time / max(seconds, 1e-9)}
+        if self.flops_per_image and self.peak:
+            out["mfu"] = self.flops_per_image * out["images_per_s"] / self.dist.world / self.peak
+        return out
 
     def note_bad(self, bad, dataset):
         """bad: CPU tensor of indices of unreadable files in the batch (-1 where fine); reports each file once."""
@@ -775,10 +797,15 @@ class StepLogger:
             v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count, self.images, self.data_time = self.count + 1, self.images + images, self.data_time + data_time
+        self.interval_images, self.interval_data = self.interval_images + images, self.interval_data + data_time
         if self.bar is not None:
             self.bar.update(1)
-            if step % self.every == 0:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.means().items()}, refresh=False)
+            if step % self.every == 0:  # the only host sync of the loop: once per log interval
+                shown = self.means()
+                now = time.perf_counter()
+                shown.update(self.rates(self.interval_images, self.interval_data, now - self.t_interval))
+                self.interval_images, self.interval_data, self.t_interval = 0, 0.0, now
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def means(self, all_ranks=False):
         """Means since the epoch started (over all processes with all_ranks: a collective, every rank must call)."""
@@ -792,8 +819,9 @@ class StepLogger:
 
     def epoch_summary(self, epoch, **extra):
         elapsed = time.perf_counter() - self.t0
-        row = {"epoch": epoch, **self.means(all_ranks=True), "images_per_s": self.images * self.dist.world / max(elapsed, 1e-9),
-               "data_time_s": self.data_time, "epoch_time_s": elapsed, "bad_images": self.bad_in_epoch, **extra}
+        row = {"epoch": epoch, **self.means(all_ranks=True), **self.rates(self.images, self.data_time, elapsed),
+               "data_time_s": self.data_time, "step_time_s": elapsed - self.data_time, "epoch_time_s": elapsed,
+               "bad_images": self.bad_in_epoch, **extra}
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -950,6 +978,19 @@ class TrainRun:
             yield micro, tensors, StepRandom.for_micro_step(a.seed, self.step, micro, a.batch_size, d.world, d.rank,
                                                             a.accum, self.device)
 
+    def measure_flops(self, model, *inputs):
+        """Count the FLOPs of one forward + backward of model(*inputs, rng) per image, so that the log shows MFU.
+        Only where MFU can be computed (a CUDA device with a known peak): it costs one extra step."""
+        if self.logger.peak is None:
+            return None
+        batch = inputs[0].shape[0]
+        rng = StepRandom(self.args.seed, -1, self.device, slice(0, batch), batch)
+        with autocast(self.device):
+            flops = count_flops(lambda: model(*inputs, rng)[0].backward())
+        model.zero_grad(set_to_none=True)
+        self.logger.flops_per_image = flops / batch
+        return self.logger.flops_per_image
+
     def no_sync(self, ddp_model, micro):
         """Skip DDP's gradient all-reduce on all but the last accumulation micro-step."""
         if self.dist.world > 1 and micro < self.args.accum - 1:
@@ -979,6 +1020,56 @@ class TrainRun:
                 **encoder_export(self.encoder, self.method)}
 
     def save(self):
-        self.guard.flush()  # never write a checkpoint after a non-finite step
+        self.guard.flush()  # never write a checkpoint after a non-finite step ...
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # ... or with broken weights
+            raise FloatingPointError(f"non-finite parameters after step {self.step - 1}; training stopped, the "
+                                     f"checkpoint on disk is the last good one")
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoint.pth", self._state())
+
+
+# ------------------------------------------------------------------------------------------------- loader benchmark
+def make_jpeg_folder(root, count, seed=0):
+    """`count` ImageNet-like JPEGs (about 500 x 375, quality 90, smooth content plus grain) in root/<class>/."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    shapes = SyntheticShapes(96, count, seed)
+    for i in range(count):
+        w, h = 400 + int(torch.randint(200, (), generator=g)), 300 + int(torch.randint(150, (), generator=g))
+        img = F.interpolate(shapes.load(i)[0][None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+        img = (img + 12 * torch.randn(3, h, w, generator=g)).clamp(0, 255).to(torch.uint8)
+        folder = Path(root) / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def bench_loader(root, workers=(1, 2), batch=64, size=224, batches=8):
+    """images/s of the training pipeline (JPEG decode + RandomResizedCrop + flip + normalise) per worker count."""
+    ds = SeededDataset(ImageFolder(root), image_transform(pretrain_transform(size)))
+    for n in workers:
+        sampler = ResumableSampler(len(ds), batch)
+        loader = make_loader(ds, batch, n, sampler)
+        it = iter(loader)
+        next(it)  # start-up (worker processes, first batch) is not timed
+        t0, count = time.perf_counter(), 0
+        for _ in range(min(batches, len(loader) - 1)):
+            count += next(it)[0].shape[0]
+        rate = count / (time.perf_counter() - t0)
+        print(f"workers={n} images_per_s={rate:.1f} per_worker={rate / max(n, 1):.1f}", flush=True)
+        del it, loader
+
+
+if __name__ == "__main__":
+    import tempfile
+    parser = argparse.ArgumentParser(description="Data-loader benchmark: `python common.py bench-loader`")
+    parser.add_argument("command", choices=["bench-loader"])
+    parser.add_argument("--folder", default="", help="an existing image folder root/<class>/*.jpg (default: generate)")
+    parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to try")
+    parser.add_argument("--batch-size", type=int, default=64)
+    cli = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if not cli.folder:
+            make_jpeg_folder(tmp, cli.images)
+        bench_loader(cli.folder or tmp, [int(w) for w in cli.workers.split(",")], cli.batch_size,
+                     batches=cli.images // cli.batch_size - 1)

@@ -1,0 +1,446 @@
+"""Latent MIM: masked image modeling in latent space (Wei, Gupta, Morgado, ECCV 2024, arXiv 2407.15837).
+
+An online ViT encodes a few visible patches (20 of 196); a decoder predicts the latent features that a momentum
+(EMA) copy of the encoder gives to the hidden target patches; the loss compares latents, not pixels. The paper's
+four fixes against collapse and redundancy are all here and all switchable, one flag per ablation table row:
+momentum targets (--target), the PatchDisc loss (--loss), a non-contiguous patch grid with random jitter (--gap)
+plus a high mask ratio (--mask-ratio), the similarity regulariser (--sim-weight), and a cross-attention decoder
+whose queries carry position-weighted visual cues (--decoder, --proj, --decoder-depth).
+Official code: github.com/yibingwei-1/LatentMIM (models_lmim.py, vits.py, xvits.py, main_lmim.py).
+
+    torchrun --nproc_per_node=8 latent_mim.py --data /imagenet          # the paper's ImageNet recipe (defaults)
+    python latent_mim.py --data synthetic --model micro --input-size 64 --gap 2 --epochs 5   # CPU demo
+"""
+import argparse, copy, itertools, math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from common import (VIT_PRESETS, Attention, Block, Dist, Mlp, SeededDataset, StepRandom, TrainRun, UserError,
+                    add_common_args, autocast, bench_report, build_dataset, build_vit, check_common_args,
+                    cosine_schedule, count_flops, ema_momentum, ema_update, gather_tokens, get_2d_sincos_pos_embed,
+                    image_transform, init_weights_mae, mix_seed, param_groups, patchify, pretrain_transform,
+                    random_masking, run_main, set_lr, time_steps, IMAGENET_MEAN, IMAGENET_STD)
+
+METHOD = "latent_mim"
+TARGETS = ("momentum", "shared-stopgrad", "independent", "joint")
+LOSSES = ("mse", "l1", "huber", "patchdisc")
+DECODERS = ("self", "cross", "cross-cues")
+
+
+# ------------------------------------------------------------------------------------ non-contiguous grid, masking
+def gap_patchify(imgs, patch_size, gap, offsets=None, rng=None):
+    """[B, C, H, W] with H = gh (p + gap), W = gw (p + gap) -> [B, gh gw, p*p*C] (patchify's (p, q, c) order).
+    The image is cut into cells of p + gap pixels; from each cell one p x p patch is cropped at offset (oy, ox), each
+    uniform in {0..gap-1} per image, cell and axis, so neighbouring patches are 1..2 gap - 1 pixels apart.
+    offsets [B, L, 2] (row, column) if given; else drawn from rng (a per-micro-batch StepRandom: training) or from
+    torch's global generator (tests, figures). gap = 0 is plain `patchify`."""
+    B, C, H, W = imgs.shape
+    cell = patch_size + gap
+    if H % cell or W % cell:
+        raise ValueError(f"image {H}x{W} is not a grid of {patch_size}+{gap} pixel cells")
+    if gap == 0:
+        return patchify(imgs, patch_size)
+    L = (H // cell) * (W // cell)
+    if offsets is None:
+        offsets = rng.randint(gap, L, 2) if rng is not None else torch.randint(gap, (B, L, 2), device=imgs.device)
+    cells = rearrange(imgs, "b c (h s) (w t) -> b (h w) (s t) c", s=cell, t=cell)  # [B, L, cell*cell, C]
+    i = torch.arange(patch_size, device=imgs.device)
+    rows, cols = offsets[..., :1] + i, offsets[..., 1:] + i  # [B, L, p] pixel rows / columns inside each cell
+    flat = (rows[..., :, None] * cell + cols[..., None, :]).flatten(2)  # [B, L, p*p], (p, q) order
+    return torch.gather(cells, 2, flat[..., None].expand(-1, -1, -1, C)).flatten(2)  # [B, L, p*p*C]
+
+
+def num_visible(num_patches, mask_ratio):
+    """Visible count V = round(L (1 - ratio)): 0.9 -> 20 of 196 (the paper's '0.9' is 176 targets), 0.75 -> 49."""
+    return int(round(num_patches * (1.0 - mask_ratio)))
+
+
+# ---------------------------------------------------------------------------------------------------------- losses
+def patch_discrimination_loss(pred, target, tau=0.2):
+    """Delta_PatchDisc^k = -tau log( exp(sim(z^_k, z_k)/tau) / sum_{l in T} exp(sim(z^_k, z_l)/tau) ),
+    sim = cosine; mean over images and target patches k. pred, target [B, T, D].
+    The negatives l are the other targets of the SAME image (no cross-image negatives). The seed prints exp(-sim/tau),
+    a sign typo (it would push each prediction away from its own target); the official code uses +sim/tau. The
+    official code also scales by 2 tau instead of tau; we follow the equation (only the loss scale differs)."""
+    with torch.autocast(pred.device.type, enabled=False):  # softmax over 176 logits / 0.2 in fp32
+        p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+        logits = p @ t.transpose(1, 2) / tau  # [B, T, T]: sim(z^_k, z_l) / tau
+        return -tau * logits.log_softmax(-1).diagonal(dim1=1, dim2=2).mean()
+
+
+def latent_loss(pred, target, kind, tau=0.2, delta=1.0):
+    """Mean over images and target patches k of the seed's per-patch Delta^k (pred, target [B, T, D]):
+    Delta_L2 = ||z^_k - z_k||_2^2,  Delta_L1 = ||z^_k - z_k||_1,
+    Delta_Huber = 1/2 Delta_L2 if Delta_L2 < delta^2 else delta (Delta_L1 - delta/2)  (whole vector, as written),
+    Delta_PatchDisc: see `patch_discrimination_loss`."""
+    if kind == "patchdisc":
+        return patch_discrimination_loss(pred, target, tau)
+    diff = pred.float() - target.float()  # [B, T, D]
+    l2, l1 = diff.pow(2).sum(-1), diff.abs().sum(-1)  # [B, T]
+    if kind == "mse":
+        return l2.mean()
+    if kind == "l1":
+        return l1.mean()
+    if kind == "huber":
+        return torch.where(l2 < delta ** 2, 0.5 * l2, delta * (l1 - delta / 2)).mean()
+    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
+
+def pred_to_unit(pred, eps=1e-4):
+    """Official 'pred2unit' before PatchDisc: standardise predictions per image and channel over the target
+    positions, x^ <- (x^ - mean_t) / (std_t + 1e-4). [B, T, D] -> [B, T, D]."""
+    pred = pred.float()
+    return (pred - pred.mean(1, keepdim=True)) / (pred.std(1, keepdim=True) + eps)
+
+
+def standardize_tokens(z, eps=1e-6):
+    """Regression targets as in the official 'norm_l2': per token (z - mean) / sqrt(var + 1e-6) over channels."""
+    z = z.float()
+    return (z - z.mean(-1, keepdim=True)) / (z.var(-1, keepdim=True) + eps).sqrt()
+
+
+def mean_pairwise_cosine(z):
+    """E_{i,j}[sim(z_i, z_j)] over all pairs of one image including i = j, per image: [B, N, D] -> [B].
+    Computed as ||mean_i z_i/||z_i|| ||^2, which equals the mean of the N x N cosine matrix at O(N D) cost."""
+    return F.normalize(z.float(), dim=-1).mean(1).pow(2).sum(-1)
+
+
+def similarity_regularizer(pred, visible, gamma):
+    """R = (gamma - E_{i,j in T}[sim(z^_i, z^_j)])^2 + (gamma - E_{i,j in V}[sim(z_i, z_j)])^2, averaged over images.
+    pred [B, T, D] raw decoder outputs, visible [B, V, D] online (projected) visible tokens.
+    (decision) R is computed per image and then averaged; the official code squares the batch-mean similarity. Per
+    image is the seed's equation and keeps the loss a mean of per-image terms, so DDP and accumulation are exact."""
+    return ((gamma - mean_pairwise_cosine(pred)) ** 2 + (gamma - mean_pairwise_cosine(visible)) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------- decoder
+def visual_cue_queries(mask_token, pos_target, pos_visible, z_visible):
+    """m_i = m + p_t + Softmax(P_T P_V^T / sqrt(d)) Z_V: the mask token plus the target's position plus visible
+    features averaged with purely positional weights (no learned parameters). The seed's garbled formula drops the
+    1/sqrt(d) scale; the official code has it. mask_token [D] or [1, 1, D]; pos_target [B, T, D];
+    pos_visible, z_visible [B, V, D] -> [B, T, D]."""
+    d = pos_target.shape[-1]
+    weights = (pos_target @ pos_visible.transpose(1, 2) / math.sqrt(d)).softmax(-1)  # [B, T, V]
+    return mask_token.reshape(1, 1, d) + pos_target + weights @ z_visible
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj, self.kv_proj, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, q, kv):  # q [B, Nq, d], kv [B, Nkv, d]
+        q = rearrange(self.q_proj(q), "b n (h e) -> b h n e", h=self.num_heads)
+        k, v = rearrange(self.kv_proj(kv), "b n (two h e) -> two b h n e", two=2, h=self.num_heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n e -> b n (h e)"))
+
+
+class CrossBlock(nn.Module):
+    """Pre-LN decoder block: q += SelfAttn(LN(q)); q += CrossAttn(LN(q), LN(kv)); q += MLP(LN(q))."""
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        self.norm2q, self.norm2kv = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, q, kv):
+        q = q + self.self_attn(self.norm1(q))
+        q = q + self.cross_attn(self.norm2q(q), self.norm2kv(kv))
+        return q + self.mlp(self.norm3(q))
+
+
+class LatentDecoder(nn.Module):
+    """Predicts the target latents [B, T, D] from the online outputs [cls, z_V]. kind: 'self' = MAE-style self-
+    attention over [cls, z_V + p_V, m + p_T]; 'cross' = cross-attention blocks with queries m + p_t and fixed
+    keys/values [cls, z_V + p_V]; 'cross-cues' = 'cross' with the visual-cue queries (the paper's decoder)."""
+    def __init__(self, kind, enc_dim, grid_size, dim=512, depth=3, num_heads=16):
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Linear(enc_dim, dim)
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(dim, grid_size, cls_token=True)[None],
+                             persistent=False)  # fixed [1, 1+L, d], cls position zero; rebuilt from the config
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # zero init, as in the official code
+        if kind == "self":
+            self.blocks = nn.ModuleList(Block(dim, num_heads) for _ in range(depth))
+        else:  # a decoder query token (zero position) is prepended to the queries and dropped at the end
+            self.query_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.blocks = nn.ModuleList(CrossBlock(dim, num_heads) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, enc_dim)
+        self.apply(init_weights_mae)
+        if kind != "self":
+            nn.init.normal_(self.query_token, std=0.02)
+
+    def forward(self, z, vis_ids, tgt_ids):
+        x = self.embed(z)  # [B, 1+V, d]: embedded cls and visible features Z_V (no position yet)
+        B, T = tgt_ids.shape
+        pos = self.pos_embed.to(x.dtype).expand(B, -1, -1)  # [B, 1+L, d]
+        p_v, p_t = gather_tokens(pos[:, 1:], vis_ids), gather_tokens(pos[:, 1:], tgt_ids)  # [B, V, d], [B, T, d]
+        kv = x + torch.cat([pos[:, :1], p_v], 1)  # [B, 1+V, d], the same for every block
+        if self.kind == "cross-cues":
+            q = visual_cue_queries(self.mask_token.to(x.dtype), p_t, p_v, x[:, 1:])  # [B, T, d]
+        else:
+            q = self.mask_token.to(x.dtype) + p_t
+        if self.kind == "self":
+            x = torch.cat([kv, q], 1)  # [B, 1+V+T, d]
+            for blk in self.blocks:
+                x = blk(x)
+            out = x[:, -T:]
+        else:
+            q = torch.cat([self.query_token.to(x.dtype).expand(B, -1, -1), q], 1)  # [B, 1+T, d]
+            for blk in self.blocks:
+                q = blk(q, kv)
+            out = q[:, 1:]
+        return self.head(self.norm(out))  # [B, T, D]
+
+
+def build_projector(dim, hidden):
+    """'Proj. mlp': Linear(D, h) LN GELU Linear(h, h) LN GELU Linear(h, D) LN, no biases, on every output token."""
+    proj = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.LayerNorm(hidden), nn.GELU(),
+                         nn.Linear(hidden, hidden, bias=False), nn.LayerNorm(hidden), nn.GELU(),
+                         nn.Linear(hidden, dim, bias=False), nn.LayerNorm(dim))
+    return proj.apply(init_weights_mae)
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+class LatentMIM(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+        D, self.patch, self.grid = self.encoder.embed_dim, self.encoder.patch_size, self.encoder.grid_size
+        self.gap, self.crop = args.gap, self.grid * (self.patch + args.gap)
+        self.num_patches = self.grid ** 2
+        self.num_visible = num_visible(self.num_patches, args.mask_ratio)
+        make_proj = lambda: build_projector(D, args.proj_dim) if args.proj == "mlp" else nn.Identity()
+        self.proj = make_proj()
+        self.target = args.target
+        if self.target == "momentum":  # EMA copy, updated after each optimizer step, never by gradients
+            self.target_encoder, self.target_proj = copy.deepcopy(self.encoder), copy.deepcopy(self.proj)
+            self.target_encoder.requires_grad_(False)
+            self.target_proj.requires_grad_(False)
+        elif self.target == "independent":  # separately initialised and trained by the loss as well
+            self.target_encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+            self.target_proj = make_proj()
+        # 'shared-stopgrad' and 'joint' use the online encoder itself (no extra parameters that could go unused)
+        self.decoder = LatentDecoder(args.decoder, D, self.grid, args.decoder_dim, args.decoder_depth,
+                                     args.decoder_heads)
+        self.loss_kind, self.tau, self.delta, self.pred2unit = args.loss, args.tau, args.huber_delta, args.pred2unit
+        self.sim_weight = args.sim_weight
+        # gamma of R, set every step from its schedule; a buffer so that changing it needs no recompile or sync
+        self.register_buffer("sim_gamma", torch.tensor(float(args.gamma_start)), persistent=False)
+
+    @staticmethod
+    def encode(vit, proj, pixels, ids, rng=None):
+        """pixels [B, N, p*p*3] of the patches at grid positions ids [B, N] -> [B, 1+N, D] projected (cls first)."""
+        x = vit.prepend_cls(vit.add_pos(vit.embed_pixels(pixels), ids))  # [B, 1+N, D]
+        return proj(vit.norm(vit.forward_blocks(x, rng)))
+
+    def views(self, imgs, rng):
+        """Jittered patches [B, L, p*p*3], visible ids [B, V] and target ids [B, T] (T = L - V), all from rng."""
+        if imgs.shape[-2:] != (self.crop, self.crop):
+            raise ValueError(f"training images must be {self.crop} px (grid {self.grid} x (patch {self.patch} + "
+                             f"gap {self.gap})), got {tuple(imgs.shape[-2:])}")
+        offsets = rng.randint(self.gap, self.num_patches, 2) if self.gap > 0 else None  # [B, L, 2]
+        pixels = gap_patchify(imgs, self.patch, self.gap, offsets=offsets)
+        vis_ids, tgt_ids = random_masking(rng.rand(self.num_patches), self.num_visible)
+        return pixels, vis_ids, tgt_ids
+
+    def targets(self, pixels, ids, rng):
+        """z_T [B, T, D]: the target encoder sees only the target patches (plus its cls token)."""
+        own = self.target in ("momentum", "independent")  # a target encoder of its own, or the online one
+        enc = (self.target_encoder, self.target_proj) if own else (self.encoder, self.proj)
+        if self.target in ("momentum", "shared-stopgrad"):
+            with torch.no_grad():
+                return self.encode(*enc, pixels, ids, rng)[:, 1:]
+        return self.encode(*enc, pixels, ids, rng)[:, 1:]  # independent, joint: gradients flow into the targets too
+
+    def forward(self, imgs, rng):
+        pixels, vis_ids, tgt_ids = self.views(imgs, rng)
+        z = self.encode(self.encoder, self.proj, gather_tokens(pixels, vis_ids), vis_ids, rng)  # [B, 1+V, D]
+        target = self.targets(gather_tokens(pixels, tgt_ids), tgt_ids, rng)  # [B, T, D]
+        pred = self.decoder(z, vis_ids, tgt_ids)  # [B, T, D] raw predictions z^
+        if self.loss_kind == "patchdisc":
+            loss = latent_loss(pred_to_unit(pred) if self.pred2unit else pred, target, "patchdisc", self.tau)
+        else:  # per-token standardised targets (official 'norm_l2'; (decision) also for L1 / Huber, code has MSE only)
+            loss = latent_loss(pred, standardize_tokens(target), self.loss_kind, self.tau, self.delta)
+        if self.sim_weight > 0:
+            loss = loss + self.sim_weight * similarity_regularizer(pred, z[:, 1:], self.sim_gamma)
+        with torch.no_grad():  # the collapse monitor ("Sim"): within-image mean pairwise cosine, on device
+            metrics = {"sim_pred": mean_pairwise_cosine(pred).mean(), "sim_vis": mean_pairwise_cosine(z[:, 1:]).mean(),
+                       "sim_target": mean_pairwise_cosine(target).mean()}
+        return loss, metrics
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """q <- m q + (1 - m) p for the target encoder and projector (momentum target only)."""
+        ema_update(nn.ModuleList([self.target_encoder, self.target_proj]), nn.ModuleList([self.encoder, self.proj]), m)
+
+
+# ------------------------------------------------------------------------------------------------------------- CLI
+def build_parser():
+    parser = add_common_args(argparse.ArgumentParser(description="Latent MIM pretraining (ECCV 2024)"))
+    a = parser.add_argument
+    a("--target", choices=TARGETS, default="momentum", help="target encoder (collapse table)")
+    a("--momentum", type=float, default=0.99, help="base EMA momentum, cosine to 1 over training")
+    a("--loss", choices=LOSSES, default="patchdisc", help="latent reconstruction loss (loss table)")
+    a("--tau", type=float, default=0.2, help="PatchDisc temperature")
+    a("--huber-delta", type=float, default=1.0)
+    a("--no-pred2unit", dest="pred2unit", action="store_false", help="do not standardise predictions before PatchDisc")
+    a("--mask-ratio", type=float, default=0.9, help="visible = round(L (1 - ratio)): 0.9 -> 20 of 196")
+    a("--gap", type=int, default=4, help="pixels between grid cells; patches jitter by 0..gap-1 (0: contiguous)")
+    a("--crop-size", type=int, default=None, help="training crop; must be grid x (patch + gap) (default: that)")
+    a("--sim-weight", type=float, default=0.1, help="weight of the similarity regulariser R (0: off)")
+    a("--gamma-start", type=float, default=0.75, help="R's target similarity at the start (cosine schedule)")
+    a("--gamma-end", type=float, default=0.25, help="... and at the end of training")
+    a("--decoder", choices=DECODERS, default="cross-cues", help="decoder table: self / cross / cross + visual cues")
+    a("--decoder-depth", type=int, default=3)
+    a("--decoder-dim", type=int, default=512)
+    a("--decoder-heads", type=int, default=16)
+    a("--proj", choices=("none", "mlp"), default="mlp", help="projector after both encoders")
+    a("--proj-dim", type=int, default=4096, help="projector hidden width")
+    a("--min-lr-frac", type=float, default=0.25, help="lr warms up from and decays to this fraction of the peak")
+    a("--vis", default="", help="write a PNG of jittered grids and visible / target patches to this path and exit")
+    a("--bench", action="store_true", help="time the training step on random tensors on the device and exit")
+    a("--bench-steps", type=int, default=10)
+    # the official ImageNet recipe: 256 per GPU x 8 GPUs x accum 2 = 4096; lr = 1.5e-4 * 4096 / 256 = 2.4e-3
+    parser.set_defaults(model="base", input_size=224, epochs=800, warmup_epochs=40, batch_size=256, accum=2,
+                        blr=1.5e-4, weight_decay=0.05)
+    return parser
+
+
+def check_args(args):
+    check_common_args(args)
+    if args.model not in VIT_PRESETS:
+        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(VIT_PRESETS)}")
+    patch = args.patch_size or VIT_PRESETS[args.model][3]
+    if patch < 1 or args.input_size < 1 or args.input_size % patch:
+        raise UserError(f"--input-size {args.input_size} must be a positive multiple of the patch size {patch}")
+    if args.gap < 0:
+        raise UserError("--gap must be non-negative")
+    crop = args.input_size // patch * (patch + args.gap)
+    if args.crop_size is not None and args.crop_size != crop:
+        raise UserError(f"--crop-size {args.crop_size} is inconsistent: the grid of {args.input_size // patch} "
+                        f"cells of {patch}+{args.gap} px needs {crop} px")
+    args.crop_size = crop
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    L = (args.input_size // patch) ** 2
+    if not 1 <= num_visible(L, args.mask_ratio) < L:
+        raise UserError(f"--mask-ratio {args.mask_ratio} leaves {num_visible(L, args.mask_ratio)} of {L} patches "
+                        f"visible; need at least one visible and one target")
+    if args.tau <= 0 or args.huber_delta <= 0:
+        raise UserError("--tau and --huber-delta must be positive")
+    if not 0.0 <= args.momentum <= 1.0:
+        raise UserError("--momentum must be in [0, 1]")
+    if args.sim_weight < 0 or args.min_lr_frac < 0:
+        raise UserError("--sim-weight and --min-lr-frac must be non-negative")
+    if min(args.decoder_depth, args.decoder_heads, args.proj_dim, args.bench_steps) < 1:
+        raise UserError("--decoder-depth, --decoder-heads, --proj-dim and --bench-steps must be at least 1")
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
+
+
+def train_dataset(args):
+    return SeededDataset(build_dataset(args.data, "train", args), image_transform(pretrain_transform(args.crop_size)))
+
+
+# ------------------------------------------------------------------------------------------------ figure and bench
+def write_vis(args, n=4):
+    """Per image: the training crop; the jittered grid (pixels the encoders never see dimmed); visible patches at
+    full brightness and target patches tinted red."""
+    from torchvision.utils import make_grid, save_image
+    dataset = train_dataset(args)
+    n = min(n, len(dataset))
+    imgs = torch.stack([dataset[(i, mix_seed(args.seed, i))][0] for i in range(n)])  # [n, 3, crop, crop]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    imgs = (imgs * std + mean).clamp(0, 1)
+    patch = args.patch_size or VIT_PRESETS[args.model][3]
+    grid, cell = args.input_size // patch, patch + args.gap
+    rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, n), n)  # the same draws as the model's `views`
+    offsets = rng.randint(args.gap, grid * grid, 2) if args.gap else torch.zeros(n, grid * grid, 2, dtype=torch.long)
+    V = num_visible(grid * grid, args.mask_ratio)
+    vis_ids, _ = random_masking(rng.rand(grid * grid), V)
+    jitter, roles = 0.2 * imgs, torch.zeros_like(imgs)
+    red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
+    for b in range(n):
+        visible = set(vis_ids[b].tolist())
+        for k in range(grid * grid):
+            y, x = (k // grid) * cell + int(offsets[b, k, 0]), (k % grid) * cell + int(offsets[b, k, 1])
+            crop = imgs[b, :, y:y + patch, x:x + patch]
+            jitter[b, :, y:y + patch, x:x + patch] = crop
+            roles[b, :, y:y + patch, x:x + patch] = crop if k in visible else 0.3 * crop + 0.5 * red
+    panels = torch.stack([imgs, jitter, roles], 1).flatten(0, 1)  # [3n, 3, crop, crop]
+    save_image(make_grid(panels, nrow=3, padding=4, pad_value=1.0), args.vis)
+    print(f"wrote {args.vis}: {n} images x (crop {args.crop_size}px | jittered {grid}x{grid} grid, gap {args.gap} | "
+          f"{V} visible, {grid * grid - V} targets in red)")
+
+
+def bench(args, model):
+    """--bench: optimizer steps of the real training step on random tensors already on the device (no loader)."""
+    device = Dist(args.device).device
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
+    step_model = torch.compile(model) if args.compile else model
+    B, steps = args.batch_size, itertools.count()
+    imgs = torch.randn(B, 3, args.crop_size, args.crop_size, device=device)
+
+    def forward_backward(net):
+        with autocast(device):
+            loss, _ = net(imgs, StepRandom(args.seed, next(steps), device, slice(0, B), B))
+        loss.backward()
+
+    def train_step():
+        forward_backward(step_model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if model.target == "momentum":
+            model.momentum_update(args.momentum)
+
+    flops = count_flops(lambda: forward_backward(model))  # eager model: the counter does not trace compiled code
+    optimizer.zero_grad(set_to_none=True)
+    seconds, memory = time_steps(train_step, device, args.bench_steps)
+    return bench_report(METHOD, seconds, B, flops / B, device, memory)
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def main(args):
+    check_args(args)
+    if args.vis:
+        return write_vis(args)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = LatentMIM(args)
+    if args.bench:
+        return bench(args, model)
+    run = TrainRun(args, METHOD, train_dataset(args))
+    model.to(run.device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95))
+    # Exported encoder = the online encoder: it is the network the loss trains (the target is only its EMA, or
+    # absent), and the official k-NN evaluation reads `model.encoder` too. Its config (224 px, gap 0) is what
+    # eval_probe's load_vit rebuilds; the projector is dropped, as in the official evaluation.
+    ddp_model = run.prepare(model, optimizer, model.encoder)
+    run.measure_flops(model, torch.zeros(args.batch_size, 3, args.crop_size, args.crop_size, device=run.device))  # MFU
+    for epoch in run.epochs():
+        for step in run.steps():
+            set_lr(optimizer, run.lr(start_frac=args.min_lr_frac, end_frac=args.min_lr_frac))
+            gamma = cosine_schedule(run.progress(), 1.0, args.gamma_start, args.gamma_end)  # 0.75 -> 0.25
+            model.sim_gamma.fill_(gamma)
+            for micro, (imgs, _), rng in run.micro_batches():
+                with run.no_sync(ddp_model, micro), autocast(run.device):
+                    loss, metrics = ddp_model(imgs, rng)
+                run.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            extra = {"gamma": gamma} if args.sim_weight > 0 else {}
+            if model.target == "momentum":  # m: cosine from 0.99 to 1 over all optimizer steps
+                extra["momentum"] = m = ema_momentum(run.step, run.total_steps, args.momentum)
+                model.momentum_update(m)
+            run.end_step({**metrics, **extra})
+    return run
+
+
+if __name__ == "__main__":
+    run_main(main, build_parser())

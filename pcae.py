@@ -1,0 +1,380 @@
+"""PCAE: Progressively Compressed Auto-Encoder (Li, Wang, Zhang et al., ICLR 2023), a faithful reimplementation.
+
+A student ViT f_theta sees the visible patches M.x; an EMA teacher f_bar sees the MASKED patches (1-M).x and, between
+its blocks, discards the tokens most similar to the mean token (progressive token reduction); a decoder g_phi gets
+the student's tokens plus a mask token omega + position p for each patch the teacher KEPT and predicts the teacher's
+features there. Objective (seed):
+
+    max_{theta, phi, omega}  E_x  M{ f_bar[(1-M).x; k],  g_phi{ h[f_theta(M.x), omega + p] } }
+
+with M the cosine similarity. Only ~10 % of the image is reconstructed and the teacher costs ~36 % of a full pass,
+which is why a PCAE step is cheaper than a MAE-style step with the same encoder and decoder
+(`--bench --bench-baseline`).
+
+    python pcae.py --data synthetic --model micro --input-size 32 --epochs 5      # CPU demo
+    torchrun --nproc_per_node=8 pcae.py --data /imagenet                           # the public recipe
+"""
+import argparse, copy, math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (VIT_PRESETS, Block, Dist, SeededDataset, StepRandom, TrainRun, UserError, add_common_args,
+                    autocast, bench_report, build_dataset, build_vit, check_common_args, count_flops, ema_momentum,
+                    ema_update, eval_transform, gather_tokens, get_2d_sincos_pos_embed, image_transform,
+                    init_weights_mae, load_checkpoint, load_state, param_groups, patchify, pretrain_transform,
+                    random_masking, run_main, set_lr, time_steps, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ------------------------------------------------------------------------------------------ the seed's equations
+def similarity_scores(x):
+    """s_i = M(x_i, sum_j x^j / N_i) = cos(x_hat_i, m),  x_hat_i = x_i / ||x_i||,  m = (1/N_i) sum_j x_hat_j.
+
+    x [B, n, D] -> [B, n]. Computed in fp32 so that bf16 rounding does not reorder near-ties. (The public code takes
+    the dot product with the un-normalised m; dividing by ||m|| is one positive constant per image, same ranking.)"""
+    x_hat = F.normalize(x.float(), dim=-1)  # [B, n, D]
+    m = F.normalize(x_hat.mean(dim=1, keepdim=True), dim=-1)  # [B, 1, D]
+    return (x_hat * m).sum(-1)  # [B, n]
+
+
+def kept_count(n, keep_ratio):
+    """floor(N_i * k); the epsilon only guards against 0.29 * 100 = 28.999... in floating point."""
+    return math.floor(n * keep_ratio + 1e-9)
+
+
+def compress_tokens(x, ids, keep_ratio, random=False, noise=None):
+    """T(x; k) = gather[x, S(x) < floor(N_i * k)],  S(x) = rank(s) ascending.
+    x [B, n, D], ids [B, n] -> (kept [B, floor(n k), D], their ids [B, floor(n k)]).
+
+    Keeps the tokens LEAST similar to the mean (the redundant ones, close to the mean, are dropped) together with
+    their absolute patch ids, so ids stay valid through any number of stages. random=True is the "RD" ablation: a
+    uniform random subset, ranked by `noise` [B, n] (training passes rng.rand(n) so that it is reproducible; a direct
+    call without noise falls back to torch.rand)."""
+    b, n = x.shape[:2]
+    if random:
+        score = noise if noise is not None else torch.rand(b, n, device=x.device)
+    else:
+        score = similarity_scores(x)
+    order = score.argsort(dim=1)[:, :kept_count(n, keep_ratio)]  # [B, K] positions in x, least similar first
+    return gather_tokens(x, order), torch.gather(ids, 1, order)
+
+
+def standardize(t):
+    """t_tilde = (t - mean_c t) / sqrt(var_c t + 1e-6), per token over channels, no affine (public code's targets).
+    (The public code uses the unbiased variance; a per-token scale does not change the cosine loss.)"""
+    return F.layer_norm(t.float(), t.shape[-1:], eps=1e-6)
+
+
+def cosine_loss(pred, target):
+    """L = 1 - E_{b, j} cos(g_phi(...)_{b, j}, t_tilde_{b, j}), over the batch and the teacher's kept tokens."""
+    return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+
+
+def parse_drop_after(text, depth):
+    """'auto' -> the public code's drop case 0, three evenly spaced stages [depth // 3 * i] (0,4,8 for 12 blocks,
+    0,8,16 for ViT-L); 'none' -> no dropping; else comma-separated block indices."""
+    text = text.replace(" ", "").lower()
+    if text == "auto":
+        return [depth // 3 * i for i in range(3)]
+    try:
+        return [int(v) for v in text.split(",") if v not in ("", "none")]
+    except ValueError:
+        raise UserError(f"--drop-after must be comma-separated block indices, got {text!r}") from None
+
+
+def token_counts(num_masked, drop_after, keep_ratio):
+    """Teacher tokens before the first drop and after each one: 147 -> 73 -> 36 -> 18 for ViT-B/16, 224 px, 0.75."""
+    counts = [num_masked]
+    for _ in drop_after:
+        counts.append(kept_count(counts[-1], keep_ratio))
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------------- the model
+class PCAE(nn.Module):
+    """Student ViT + decoder (trained) and EMA teacher ViT (requires_grad False, in the state dict for exact resume)."""
+    def __init__(self, student, mask_ratio=0.75, keep_ratio=0.5, drop_after=(0, 4, 8), random_drop=False,
+                 decoder_dim=512, decoder_depth=8, decoder_heads=16, decoder_drop_path=0.0):
+        super().__init__()
+        self.student, self.patch_size = student, student.patch_size
+        self.mask_ratio, self.keep_ratio, self.random_drop = mask_ratio, keep_ratio, random_drop
+        self.drop_after = sorted(set(drop_after))
+        self.num_patches = student.num_patches
+        self.num_visible = int(self.num_patches * (1 - mask_ratio))  # MAE's count: 49 of 196 at 0.75
+        # Teacher = an exact copy of the student at init in every mode (the public code forgot it on one process).
+        self.teacher = copy.deepcopy(student)
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        for blk in self.teacher.blocks:
+            blk.drop_path = 0.0  # the public teacher is built with drop_path=0; it only runs under no_grad
+        dim = student.embed_dim
+        # Decoder g_phi (MAE layout); its output width is the TEACHER width, not p*p*3 as in the public code.
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed",
+                             get_2d_sincos_pos_embed(decoder_dim, student.grid_size, cls_token=True)[None])
+        # Stochastic depth constant over the decoder blocks, as in the public code (linear over the encoder).
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, 4.0, decoder_drop_path)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, dim)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            m.apply(init_weights_mae)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def mask(self, rng):
+        """Random per-image split: visible ids [B, V] (student), masked ids [B, L-V] (teacher)."""
+        return random_masking(rng.rand(self.num_patches), self.num_visible)
+
+    @torch.no_grad()
+    def teacher_forward(self, patches, mask_ids, rng=None):
+        """f_bar[(1-M).x; k]: teacher on the masked patches only, compressed by T(x; k) after each block in
+        drop_after. patches [B, L, p*p*3] -> (targets [B, K, D] standardised, kept ids [B, K], ids after each stage).
+        No cls token: only patch tokens are ranked and predicted (public code)."""
+        t = self.teacher
+        x = t.add_pos(t.embed_pixels(gather_tokens(patches, mask_ids)), mask_ids)  # [B, N_m, D]
+        ids, stages = mask_ids, []
+        for i, blk in enumerate(t.blocks):
+            x = blk(x)
+            if i in self.drop_after:  # on the residual stream after block i, before the final norm
+                noise = rng.rand(x.shape[1]) if self.random_drop else None  # [B, n]
+                x, ids = compress_tokens(x, ids, self.keep_ratio, self.random_drop, noise)  # [B, floor(n k), D]
+                stages.append(ids)
+        return standardize(t.norm(x)), ids, stages  # targets: final-norm features of the kept tokens
+
+    def encode(self, patches, vis_ids, rng):
+        """f_theta(M.x): student on the visible patches, cls first -> [B, 1+V, D]."""
+        s = self.student
+        x = s.prepend_cls(s.add_pos(s.embed_pixels(gather_tokens(patches, vis_ids)), vis_ids))  # [B, 1+V, D]
+        return s.norm(s.forward_blocks(x, rng))
+
+    def decode(self, latent, vis_ids, query_ids, rng):
+        """g_phi{h[f_theta(M.x), omega + p]}: decoder on [cls, visible tokens, one mask token per query patch] with
+        fixed sin-cos positions p; returns the predictions at the queries only -> [B, Q, D_teacher]."""
+        b, q = latent.shape[0], query_ids.shape[1]
+        x = self.decoder_embed(latent)  # [B, 1+V, Dd]
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(b, q, -1)], dim=1)  # [B, 1+V+Q, Dd]
+        pos = self.decoder_pos_embed.to(x.dtype)  # [1, 1+L, Dd], row 0 (cls) is zero
+        pos_ids = torch.cat([vis_ids, query_ids], dim=1)  # [B, V+Q] absolute patch ids
+        x = x + torch.cat([pos[:, :1].expand(b, -1, -1), gather_tokens(pos[:, 1:].expand(b, -1, -1), pos_ids)], 1)
+        for blk in self.decoder_blocks:
+            x = blk(x, rng)
+        return self.decoder_pred(self.decoder_norm(x[:, -q:]))  # LayerNorm is per token: slice first
+
+    def forward(self, imgs, rng):
+        """Training step: imgs [B, 3, H, W], rng StepRandom -> (loss, metrics)."""
+        patches = patchify(imgs, self.patch_size)  # [B, L, p*p*3]
+        vis_ids, mask_ids = self.mask(rng)  # [B, V], [B, L-V]
+        target, kept_ids, _ = self.teacher_forward(patches, mask_ids, rng)  # [B, K, D], [B, K]
+        pred = self.decode(self.encode(patches, vis_ids, rng), vis_ids, kept_ids, rng)  # [B, K, D]
+        return cosine_loss(pred, target), {}
+
+    def forward_mae_style(self, imgs, rng, proj=None):
+        """Benchmark baseline: the same encoder and decoder, no teacher, the decoder predicts ALL L-V masked patches
+        (147 for ViT-B/16) with the same cosine loss against per-patch targets of the same width: MAE's normalised
+        pixels (through a fixed projection `proj` [p*p*3, D] when p*p*3 != D)."""
+        patches = patchify(imgs, self.patch_size)
+        vis_ids, mask_ids = self.mask(rng)
+        target = gather_tokens(patches, mask_ids)  # [B, L-V, p*p*3]
+        target = standardize(target if proj is None else target @ proj)
+        pred = self.decode(self.encode(patches, vis_ids, rng), vis_ids, mask_ids, rng)  # [B, L-V, D]
+        return cosine_loss(pred, target), {}
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """theta_bar <- m theta_bar + (1 - m) theta, once per optimizer step (not per accumulation micro-step)."""
+        ema_update(self.teacher, self.student, momentum)
+
+
+def build_model(args):
+    student = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size, drop_path_rate=args.drop_path)
+    drops = parse_drop_after(args.drop_after, student.config["depth"])
+    return PCAE(student, args.mask_ratio, args.keep_ratio, drops, args.random_drop, args.decoder_dim,
+                args.decoder_depth, args.decoder_heads, args.drop_path)
+
+
+# ------------------------------------------------------------------------------------------------------ the CLI
+def build_parser():
+    parser = add_common_args(argparse.ArgumentParser(description="PCAE pretraining (ICLR 2023)"))
+    a = parser.add_argument
+    a("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden from the student")
+    a("--keep-ratio", type=float, default=0.5, help="k: fraction of the teacher's tokens kept at each drop")
+    a("--drop-after", default="auto", help="teacher blocks after which tokens are dropped: indices like 0,4,8, 'none', "
+                                            "or 'auto' = [depth // 3 * i for i < 3] (0,4,8 for ViT-B, public case 0)")
+    a("--random-drop", action="store_true", help="RD ablation: drop a uniform random subset instead of ranking")
+    a("--decoder-dim", type=int, default=512)
+    a("--decoder-depth", type=int, default=8)
+    a("--decoder-heads", type=int, default=16)
+    a("--drop-path", type=float, default=0.25, help="student stochastic depth (linear in encoder, constant in decoder)")
+    a("--ema", type=float, default=0.9999, help="teacher momentum at step 0, rising to 1 on a cosine")
+    a("--vis", default="", metavar="PATH", help="write a PNG of the masks and the teacher's kept patches, then exit")
+    a("--vis-images", type=int, default=6)
+    a("--bench", action="store_true", help="time the training step on random tensors, then exit")
+    a("--bench-steps", type=int, default=10)
+    a("--bench-baseline", action="store_true",
+      help="implies --bench: also time a MAE-style step (same encoder and decoder, all masked patches decoded)")
+    # Public code (caddyless/PCAE main_pretrain.py): ViT-B/16, 400 epochs, 40 warmup, batch 64 per GPU, blr 1.5e-4.
+    parser.set_defaults(model="base", epochs=400, warmup_epochs=40, blr=1.5e-4, weight_decay=0.05, batch_size=64)
+    return parser
+
+
+def check_args(args):
+    check_common_args(args)
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    if not 0.0 < args.keep_ratio <= 1.0:
+        raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    if args.model not in VIT_PRESETS:
+        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(VIT_PRESETS)}")
+    depth, patch = VIT_PRESETS[args.model][1], args.patch_size or VIT_PRESETS[args.model][3]
+    drops = parse_drop_after(args.drop_after, depth)
+    if len(drops) > depth or len(set(drops)) != len(drops) or any(not 0 <= i < depth for i in drops):
+        raise UserError(f"--drop-after needs distinct block indices in [0, {depth - 1}] (at most {depth} of them), "
+                        f"got {args.drop_after!r}")
+    if args.input_size % patch:
+        raise UserError(f"--input-size {args.input_size} is not divisible by the patch size {patch}")
+    num_patches = (args.input_size // patch) ** 2
+    visible = int(num_patches * (1 - args.mask_ratio))
+    counts = token_counts(num_patches - visible, drops, args.keep_ratio)
+    if visible < 1 or counts[-1] < 1:
+        raise UserError(f"no tokens left: {visible} visible, teacher tokens {' -> '.join(map(str, counts))}; "
+                        f"raise --input-size / --keep-ratio or use fewer --drop-after stages")
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
+    if min(args.decoder_depth, args.decoder_heads, args.vis_images, args.bench_steps) < 1:
+        raise UserError("--decoder-depth, --decoder-heads, --vis-images and --bench-steps must be at least 1")
+    if not 0.0 <= args.drop_path < 1.0 or not 0.0 <= args.ema <= 1.0:
+        raise UserError("--drop-path must be in [0, 1) and --ema in [0, 1]")
+
+
+def make_optimizer(model, args, lr):
+    """AdamW (0.9, 0.95) without decay on biases / norms / tokens. fused=True: one kernel for all parameters, the same
+    update as the default for-each version up to rounding, about 4x faster on CPU for ViT-B (0.5 s vs 2.1 s a step)."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
+
+
+def main(args):
+    check_args(args)
+    if args.vis:
+        return visualize(args)
+    if args.bench or args.bench_baseline:
+        return bench(args)
+    transform = image_transform(pretrain_transform(args.input_size))
+    dataset = SeededDataset(build_dataset(args.data, "train", args), transform)
+    run = TrainRun(args, "pcae", dataset)
+    torch.manual_seed(args.seed)  # same init on every process
+    model = build_model(args).to(run.device)
+    optimizer = make_optimizer(model, args, run.peak_lr)
+    # The exported encoder is the student (MAE-style methods fine-tune the online network).
+    ddp_model = run.prepare(model, optimizer, model.student)
+    run.measure_flops(model, torch.zeros(args.batch_size, 3, args.input_size, args.input_size, device=run.device))
+    for epoch in run.epochs():
+        for step in run.steps():
+            set_lr(optimizer, run.lr())
+            for micro, (imgs, _), rng in run.micro_batches():
+                with run.no_sync(ddp_model, micro), autocast(run.device):
+                    loss, metrics = ddp_model(imgs, rng)
+                run.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # EMA after the optimizer step only (the public code also ran it on accumulation micro-steps).
+            model.update_teacher(ema_momentum(run.step, run.total_steps, args.ema))
+            run.end_step(metrics)
+    run.dist.close()
+
+
+# ------------------------------------------------------------------------------------------------------- benchmark
+def bench(args):
+    """Times the real optimizer step (forward, backward, AdamW, EMA) on random tensors already on the device; with
+    --bench-baseline also a MAE-style step (same model, all masked tokens decoded, no teacher), in the same process."""
+    device = Dist(args.device).device
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device).train()
+    b = args.batch_size
+    optimizer = make_optimizer(model, args, args.lr if args.lr is not None else args.blr * b / 256)
+    imgs = torch.randn(b, 3, args.input_size, args.input_size, device=device)
+    width, pix = model.student.embed_dim, model.patch_size ** 2 * 3
+    proj = None if pix == width else torch.randn(pix, width, device=device) / math.sqrt(pix)
+    fwd = torch.compile(model) if args.compile else model
+    mae = torch.compile(model.forward_mae_style) if args.compile else model.forward_mae_style
+    counter = [0]
+
+    def make_step(baseline):
+        def step():
+            rng = StepRandom(args.seed, counter[0], device, slice(0, b), b)
+            counter[0] += 1
+            with autocast(device):
+                loss, _ = mae(imgs, rng, proj) if baseline else fwd(imgs, rng)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not baseline:
+                model.update_teacher(args.ema)  # part of the PCAE step
+        return step
+
+    names = ["pcae"] + (["mae-style"] if args.bench_baseline else [])
+    steps = {name: make_step(name != "pcae") for name in names}
+    flops = {name: count_flops(steps[name]) / b for name in names}  # also a first warm-up step
+    if len(names) == 1:
+        seconds, memory = time_steps(steps["pcae"], device, steps=args.bench_steps)
+        return {"pcae": bench_report("pcae", seconds, b, flops["pcae"], device, memory)}
+    # Both in the same process, interleaved one step at a time so that a busy machine slows both alike; the
+    # median step time is robust to the odd spike.
+    times = {name: [] for name in names}
+    memory = {}
+    for name in names:
+        steps[name]()  # a second warm-up step after the one counted
+    for _ in range(args.bench_steps):
+        for name in names:
+            seconds, memory[name] = time_steps(steps[name], device, steps=1, warmup=0)
+            times[name].append(seconds)
+    rows = {name: bench_report(name, sorted(times[name])[len(times[name]) // 2], b, flops[name], device, memory[name])
+            for name in names}
+    p, m = rows["pcae"], rows["mae-style"]
+    print(f"pcae / mae-style: time ratio {p['ms_per_step'] / m['ms_per_step']:.3f}, "
+          f"FLOP ratio {p['gflop_per_image'] / m['gflop_per_image']:.3f}", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- visualisation
+@torch.no_grad()
+def visualize(args):
+    """PNG, one row per image: image | student's visible patches | teacher input (masked patches) | teacher's kept
+    patches after each drop stage. Uses the checkpoint of --resume or --output-dir when there is one."""
+    device = Dist(args.device).device
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device).eval()
+    path = Path(args.resume) if args.resume else Path(args.output_dir) / "checkpoint.pth"
+    if args.resume or path.is_file():
+        ckpt = load_checkpoint(path)
+        if ckpt.get("method") != "pcae" or "model" not in ckpt:
+            raise UserError(f"{path} is not a pcae training checkpoint (method: {ckpt.get('method')})")
+        load_state(model, ckpt["model"], "the model", path)
+        print(f"visualising the teacher of {path}")
+    else:
+        print("no checkpoint: visualising a randomly initialised teacher")
+    data = SeededDataset(build_dataset(args.data, "train", args), image_transform(eval_transform(args.input_size)))
+    n = min(args.vis_images, len(data))
+    imgs = torch.stack([data[i][0] for i in range(n)]).to(device)  # [n, 3, H, W]
+    rng = StepRandom(args.seed, 0, device, slice(0, n), n)
+    patches = patchify(imgs, model.patch_size)
+    vis_ids, mask_ids = model.mask(rng)
+    _, _, stages = model.teacher_forward(patches, mask_ids, rng)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    pixels = (imgs * std + mean).clamp(0, 1)
+    columns = [pixels]
+    for ids in [vis_ids, mask_ids, *stages]:
+        shown = torch.zeros(n, model.num_patches, device=device).scatter_(1, ids, 1.0)  # [n, L]
+        shown = unpatchify(shown[:, :, None].expand(-1, -1, patches.shape[2]), model.patch_size)  # [n, 3, H, W]
+        columns.append(pixels * shown + 0.5 * (1 - shown))  # hidden patches grey
+    from torchvision.utils import save_image
+    Path(args.vis).parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.stack(columns, 1).flatten(0, 1), args.vis, nrow=len(columns), padding=2, pad_value=1.0)
+    print(f"wrote {args.vis}: columns = image, visible, teacher input, kept after blocks {model.drop_after}")
+    return args.vis
+
+
+if __name__ == "__main__":
+    run_main(main, build_parser())

@@ -1,0 +1,541 @@
+"""SemMAE: Semantic-Guided Masking for Learning Masked Autoencoders (Li et al., NeurIPS 2022, arXiv 2206.10207).
+
+Two stages, two sub-commands:
+  A. `semmae.py parts --data DIR --teacher CKPT --out parts.pt`: semantic part learning on a frozen ViT teacher
+     (never released by the authors; this is our reconstruction of paper Fig. 2), then one part id per patch of
+     every training image, written to one file.
+  B. `semmae.py pretrain --data DIR --parts parts.pt`: MAE whose mask follows the parts: early in training a portion
+     of every part is masked (intra-part patterns), late in training whole parts (inter-part relations).
+Official stage-B code: github.com/ucasligang/SemMAE (models_mae_setting3.py, engine_pretrain_setting3.py).
+"""
+import argparse, math, sys
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, StepRandom, TrainRun, UserError,
+                    add_common_args, autocast, build_dataset, build_vit, check_common_args, count_flops,
+                    gather_tokens, get_2d_sincos_pos_embed, image_transform, init_weights_mae, load_checkpoint,
+                    load_vit, make_loader, param_groups, patchify, pretrain_transform, random_masking, run_main,
+                    save_checkpoint, set_lr, time_steps, bench_report, Block, VIT_PRESETS)
+
+
+# =================================================================== stage A: semantic part learning (paper Sec. 3.1)
+def reconstruction_loss(imgs, recon):
+    """L_rec(I, I^) = 1/HW sum_{i,j} (I(i,j) - I^(i,j))^2   (also averaged over channels and images)."""
+    return F.mse_loss(recon.float(), imgs.float())
+
+
+def diversity_loss(maps):
+    """L_div(M) = 1/N^2 ( sum_{i!=j} (0 - m_i m_j^T / (|m_i|_2 |m_j|_2))^2
+                        + sum_{i=j} (1 - m_i m_j^T / (|m_i|_2 |m_j|_2))^2 )
+    maps [B, N, HW] -> L_div of each image, averaged over the batch."""
+    n = maps.shape[1]
+    m = F.normalize(maps.float(), dim=-1, eps=1e-12)  # m_i / |m_i|_2  [B, N, HW]
+    cos = m @ m.transpose(1, 2)  # [B, N, N]
+    target = torch.eye(n, device=maps.device)  # 1 where i = j, 0 where i != j
+    return ((target - cos) ** 2).sum((1, 2)).mean() / n ** 2
+
+
+def part_objective(l_rec, l_div, div_weight):
+    """L = L_rec(I, I^) + lambda L_div(M)"""
+    return l_rec + div_weight * l_div
+
+
+class AdaIN(nn.Module):
+    """StyleGAN's AdaIN(x, w) = (1 + gamma(w)) (x - mu(x)) / sigma(x) + beta(w) per channel; w: style from the cls."""
+    def __init__(self, channels, style_dim):
+        super().__init__()
+        self.affine = nn.Linear(style_dim, 2 * channels)
+
+    def forward(self, x, w):  # x [B, C, H, W], w [B, S]
+        gamma, beta = self.affine(w)[:, :, None, None].chunk(2, dim=1)
+        return (1 + gamma) * F.instance_norm(x, eps=1e-5) + beta
+
+
+class StyledConv(nn.Module):
+    """(x2 bilinear upsample) -> conv 3x3 -> AdaIN -> LeakyReLU(0.2): one StyleGAN synthesis layer."""
+    def __init__(self, c_in, c_out, style_dim, up):
+        super().__init__()
+        self.up, self.conv, self.adain = up, nn.Conv2d(c_in, c_out, 3, padding=1), AdaIN(c_out, style_dim)
+
+    def forward(self, x, w):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return F.leaky_relu(self.adain(self.conv(x), w), 0.2)
+
+
+class PartLearner(nn.Module):
+    """Frozen ViT teacher -> N part tokens from its cls token -> N attention maps over the patches, blurred ->
+    StyleGAN-like decoder styled by the cls token reconstructs the image from the maps alone, so the maps must carry
+    the image's layout and diversity spreads it over N distinct parts."""
+    def __init__(self, teacher, num_parts=6, channels=256, div_weight=1.0):
+        super().__init__()
+        self.teacher = teacher.requires_grad_(False).eval()  # frozen: no gradient, no DDP sync
+        dim, self.num_parts, self.div_weight = teacher.embed_dim, num_parts, div_weight
+        self.grid, self.img_size = teacher.grid_size, teacher.config["img_size"]
+        self.part_tokens = nn.Linear(dim, num_parts * dim)  # cls [D] -> N part tokens [N, D]
+        self.mapping = nn.Sequential(nn.Linear(dim, channels), nn.LeakyReLU(0.2), nn.Linear(channels, channels))
+        n_up = max(math.ceil(math.log2(self.img_size / self.grid)), 0)  # x2 per block up to the image size
+        ch = [max(channels >> i, 32) for i in range(n_up + 1)]
+        self.synthesis = nn.ModuleList([StyledConv(num_parts, ch[0], channels, up=False)] +
+                                       [StyledConv(ch[i], ch[i + 1], channels, up=True) for i in range(n_up)])
+        self.to_rgb = nn.Conv2d(ch[-1], 3, 1)
+        self.register_buffer("blur", (torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16)
+                             .expand(num_parts, 1, 3, 3).clone(), persistent=False)  # fixed 3x3 Gaussian, sigma ~0.85
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays in inference mode
+        return self
+
+    def maps(self, imgs):
+        """imgs [B, 3, H, W] -> (cls [B, D], blurred part maps [B, N, h, w])."""
+        with torch.no_grad():
+            tokens = self.teacher(imgs)  # [B, 1+L, D] after the final norm
+        cls, patches = tokens[:, 0], tokens[:, 1:]
+        b, _, d = tokens.shape
+        parts = self.part_tokens(cls).view(b, self.num_parts, d)  # [B, N, D]
+        attn = (parts @ patches.transpose(1, 2) / math.sqrt(d)).softmax(dim=1)  # softmax over the N parts [B, N, L]
+        attn = attn.view(b, self.num_parts, self.grid, self.grid)
+        # replicate padding: every patch is a weighted mean of its neighbours, the parts still sum to 1 everywhere
+        attn = F.pad(attn, (1, 1, 1, 1), mode="replicate")
+        return cls, F.conv2d(attn, self.blur.to(attn.dtype), groups=self.num_parts)
+
+    def decode(self, maps, cls):
+        """N-channel maps [B, N, h, w] + style from cls -> image [B, 3, H, W] (normalised space)."""
+        w, x = self.mapping(cls), maps
+        for layer in self.synthesis:
+            x = layer(x, w)
+        x = self.to_rgb(x)
+        if x.shape[-1] != self.img_size:  # patch sizes that are not powers of 2 (ViT-H/14)
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, imgs, rng=None):  # no model-side randomness in stage A
+        cls, maps = self.maps(imgs)
+        recon = self.decode(maps, cls)
+        l_rec, l_div = reconstruction_loss(imgs, recon), diversity_loss(maps.flatten(2))
+        return part_objective(l_rec, l_div, self.div_weight), {"l_rec": l_rec.detach(), "l_div": l_div.detach()}
+
+
+# ========================================================== stage B: semantic-guided masking (paper Sec. 3.2)
+def alpha_schedule(epoch, total_epochs, gamma=2.0):
+    """alpha = (t / T)^gamma with t = epoch + 1 (epoch counted from 0) and T the run's total epochs."""
+    return min(max((epoch + 1) / total_epochs, 0.0), 1.0) ** gamma
+
+
+def _uniform(batch, n, device, generator=None, rng=None):
+    """[B, n] uniform noise: from the step's StepRandom in training, else from `generator` (tests, --vis)."""
+    return rng.rand(n) if rng is not None else torch.rand(batch, n, generator=generator, device=device)
+
+
+def part_mask_counts(part_sizes, mask_ratio, alpha, generator=None, rng=None, budget=None):
+    """Masked patches per part; part_sizes a [B, K] -> n [B, K] (long). With r the mask ratio and L = sum_k a_k:
+      setting 1 (a portion of every part):  n1_k = round(r a_k)
+      setting 2 (whole parts, visited in random order):  n2_k = min(a_k, max(0, floor(r L) - sum_{j before k} a_j))
+      blend:  n_k = round((1 - alpha) n1_k + alpha n2_k)
+    `budget` overrides floor(r L) (semantic_guided_masking passes L - int(L (1 - r)): the same number except where
+    float rounding differs, so that alpha = 1 needs no top-up)."""
+    a = part_sizes.long()
+    b, k = a.shape
+    if budget is None:
+        total = a.sum(1, keepdim=True)  # [B, 1]
+        budget = total - (total.double() * (1 - mask_ratio)).floor().long()
+    order = _uniform(b, k, a.device, generator, rng).argsort(dim=1)  # random visiting order of the parts [B, K]
+    a_ord = a.gather(1, order)
+    before = a_ord.cumsum(1) - a_ord  # patches of the parts visited earlier
+    n2 = torch.zeros_like(a).scatter(1, order, (budget - before).clamp(min=0).minimum(a_ord))  # back to part order
+    n1 = torch.round(mask_ratio * a)  # torch.round: half to even, as the official code
+    return torch.round((1 - alpha) * n1 + alpha * n2).long()
+
+
+def semantic_guided_masking(part_ids, mask_ratio, alpha, generator=None, rng=None, num_parts=None):
+    """Official algorithm, batched with fixed shapes (no host sync when num_parts is given):
+    1. random permutation of the patches; 2.-4. n_k per part (part_mask_counts); 5. mask the first n_k shuffled
+    patches of each part, then keep exactly V = int(L (1 - r)) visible: the unmasked ones first, each group in the
+    shuffled order (so a surplus is trimmed from the end, a shortfall topped up from the start of the masked ones).
+    part_ids [B, L] integer -> (visible ids [B, V], masked ids [B, L - V])."""
+    b, n_patches = part_ids.shape
+    k = num_parts if num_parts is not None else int(part_ids.max()) + 1
+    visible = int(n_patches * (1 - mask_ratio))
+    perm = _uniform(b, n_patches, part_ids.device, generator, rng).argsort(dim=1)  # 1. [B, L]
+    ids = part_ids.long().gather(1, perm)  # part of each shuffled patch [B, L]
+    # one-hot by scatter: F.one_hot would check the id range (a host sync on some devices)
+    onehot = torch.zeros(b, n_patches, k, dtype=torch.int32, device=ids.device).scatter_(2, ids[..., None], 1)
+    n = part_mask_counts(onehot.sum(1), mask_ratio, alpha, generator, rng, budget=n_patches - visible)  # [B, K]
+    rank = onehot.cumsum(1).gather(2, ids[..., None])[..., 0]  # 1-based rank inside its part, shuffled order [B, L]
+    masked = rank <= n.gather(1, ids)  # 5. the first n_k shuffled patches of part k
+    key = masked.long() * n_patches + torch.arange(n_patches, device=part_ids.device)  # unique keys
+    order = perm.gather(1, key.argsort(dim=1))  # [B, L] original patch ids: visible first
+    return order[:, :visible], order[:, visible:]
+
+
+class SemMAE(nn.Module):
+    """MAE (encoder on the visible patches + cls, 8x512 decoder, norm_pix_loss on masked patches) whose mask comes from
+    semantic_guided_masking, or random_masking when no part ids are given (`--masking random`: plain MAE)."""
+    def __init__(self, encoder, num_parts=6, mask_ratio=0.75, dec_dim=512, dec_depth=8, dec_heads=16,
+                 norm_pix_loss=True):
+        super().__init__()
+        self.encoder, self.num_parts, self.mask_ratio, self.patch = encoder, num_parts, mask_ratio, encoder.patch_size
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_embed = nn.Linear(encoder.embed_dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        self.register_buffer("decoder_pos_embed", get_2d_sincos_pos_embed(dec_dim, encoder.grid_size)[None])
+        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads) for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dec_dim, self.patch ** 2 * 3)
+        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            m.apply(init_weights_mae)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, imgs, rng, part_ids=None, alpha=0.0):
+        """imgs [B, 3, H, W], part_ids [B, L] per-patch part ids (or None), alpha float or 0-d tensor."""
+        b, n = imgs.shape[0], self.encoder.num_patches
+        if part_ids is None:  # plain MAE
+            vis, msk = random_masking(rng.rand(n), int(n * (1 - self.mask_ratio)))  # [B, V], [B, L-V]
+        else:
+            vis, msk = semantic_guided_masking(part_ids, self.mask_ratio, alpha, rng=rng, num_parts=self.num_parts)
+        patches = patchify(imgs, self.patch)  # [B, L, p*p*3]
+        enc = self.encoder
+        x = enc.prepend_cls(enc.add_pos(enc.embed_pixels(gather_tokens(patches, vis)), vis))  # only V patches embedded
+        x = enc.norm(enc.forward_blocks(x, rng))  # [B, 1+V, D]
+        y = self.decoder_embed(x)  # [B, 1+V, Dd]
+        tokens = torch.cat([y[:, 1:], self.mask_token.to(y.dtype).expand(b, msk.shape[1], -1)], dim=1)  # [B, L, Dd]
+        # attention is permutation-equivariant: adding each token's own position replaces MAE's unshuffle
+        pos = gather_tokens(self.decoder_pos_embed.expand(b, -1, -1), torch.cat([vis, msk], dim=1)).to(y.dtype)
+        y = torch.cat([y[:, :1], tokens + pos], dim=1)  # cls (zero position) + L tokens
+        for blk in self.decoder_blocks:
+            y = blk(y, rng)
+        pred = self.decoder_pred(self.decoder_norm(y[:, 1 + vis.shape[1]:]))  # masked tokens only [B, L-V, p*p*3]
+        return self.loss(gather_tokens(patches, msk), pred), {}
+
+    def loss(self, target, pred):
+        """MSE on the masked patches; norm_pix_loss: target <- (target - mean) / sqrt(var + 1e-6) per patch. Every image
+        has L - V masked patches, so the plain mean equals MAE's (loss * mask).sum() / mask.sum()."""
+        target = target.float()
+        if self.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        return ((pred.float() - target) ** 2).mean()
+
+
+def alpha_for_epoch(args, epoch):
+    """--alpha-schedule: power (paper), reverse (Table 3 'reversed'), const0 / const1 (alpha fixed), cosine (the
+    schedule hard-coded in the released engine_pretrain_setting3.py, there with T = 800)."""
+    t = alpha_schedule(epoch, args.epochs, args.gamma)
+    return {"power": t, "reverse": 1.0 - t, "const0": 0.0, "const1": 1.0,
+            "cosine": 0.5 * (1 - math.cos(math.pi * min((epoch + 1) / args.epochs, 1.0)))}[args.alpha_schedule]
+
+
+# ============================================================================================ data and part files
+def part_transform(size, train):
+    """Stage A input: the whole image resized to a square (no crop, so the part map covers all of it) (+ flip)."""
+    from torchvision.transforms import v2
+    resize = v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return v2.Compose([v2.ToImage(), resize, *[v2.RandomHorizontalFlip()] * train,
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def joint_transform(size, patch, num_parts, train=True):
+    """(image, part map [h, w], label) -> (image [3, S, S], part id per patch [L], label). The stored map (for the
+    whole image resized to a square) is resized to the image (nearest), then RandomResizedCrop + flip act on both at
+    once (tv_tensors.Mask is resampled nearest), then each patch takes the majority part of its pixels.
+    (decision, spec) The authors dropped RandomResizedCrop and only flipped; we keep MAE's augmentation."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    geo = (v2.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+           v2.RandomHorizontalFlip()) if train else (v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC,
+                                                                antialias=True),)
+    geo, norm = v2.Compose(list(geo)), v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                                   v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def apply(img, part_map, label):
+        img = v2.functional.to_image(img)  # [3, H, W] uint8
+        full = F.interpolate(part_map[None, None].float(), size=img.shape[-2:], mode="nearest-exact")[0, 0]
+        img, mask = geo(img, tv_tensors.Mask(full.to(torch.uint8)))
+        votes = F.one_hot(mask.as_subclass(torch.Tensor).long(), num_parts).permute(2, 0, 1).float()  # [K, S, S]
+        return norm(img), F.avg_pool2d(votes, patch).argmax(0).flatten(), label  # majority part per patch [L]
+    return apply
+
+
+class WithParts:
+    """A dataset with `load(i)` plus its part maps: load(i) -> (image, part map [h, w] uint8, label)."""
+    def __init__(self, base, part_ids):
+        self.base, self.part_ids = base, part_ids
+
+    def __len__(self):
+        return len(self.base)
+
+    def path(self, i):
+        return self.base.path(i)
+
+    def load(self, i):
+        img, label = self.base.load(i)
+        return img, self.part_ids[i], label
+
+
+def _key(path):  # class/file: the dataset may be moved or given by another (relative) path between the stages
+    return "/".join(Path(path).parts[-2:])
+
+
+def load_parts(path, dataset):
+    """Read a stage-A parts file and check that it belongs to `dataset` (same images in the same order)."""
+    parts = load_checkpoint(path)
+    if parts.get("method") != "semmae-parts" or not torch.is_tensor(parts.get("part_ids")):
+        raise UserError(f"{path} is not a SemMAE parts file (make one with `semmae.py parts`)")
+    ids, paths, n = parts["part_ids"], parts["paths"], len(dataset)
+    if ids.ndim != 3 or tuple(ids.shape[1:]) != tuple(parts["grid"]) or len(paths) != ids.shape[0]:
+        raise UserError(f"{path} is inconsistent: part ids {tuple(ids.shape)}, grid {parts['grid']}, "
+                        f"{len(paths)} paths")
+    if len(paths) != n:
+        raise UserError(f"{path} has parts for {len(paths)} images but the dataset has {n}; rerun `semmae.py parts` "
+                        f"on this dataset (for --data synthetic: the same --synthetic-size and --seed)")
+    bad = next((i for i in range(n) if _key(paths[i]) != _key(dataset.path(i))), None)
+    if bad is not None:
+        raise UserError(f"{path} does not match the dataset: image {bad} is {dataset.path(bad)} in the dataset but "
+                        f"{paths[bad]} in the parts file")
+    if int(ids.max()) >= parts["num_parts"]:
+        raise UserError(f"{path}: part ids exceed num_parts={parts['num_parts']}")
+    return parts
+
+
+PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                        [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
+                        [170, 110, 40]]) / 255.0
+
+
+def colorize(ids, size):
+    """part ids [h, w] -> RGB [3, size, size] (nearest upsampling)."""
+    pal = torch.cat([PALETTE, torch.rand(256, 3, generator=torch.Generator().manual_seed(0))])
+    rgb = pal[ids.long().cpu()].permute(2, 0, 1)
+    return F.interpolate(rgb[None], size=(size, size), mode="nearest")[0]
+
+
+def denorm(img):
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (img.float().cpu() * std + mean).clamp(0, 1)
+
+
+# ==================================================================================================== stage A CLI
+@torch.no_grad()
+def preview_parts(model, base, path, device, count=8):
+    """PNG: per image, the image, its reconstruction, its parts and the parts over the image."""
+    from torchvision.utils import save_image
+    tf, size = part_transform(model.img_size, train=False), model.img_size
+    imgs = torch.stack([tf(base.load(i)[0]) for i in range(min(count, len(base)))]).to(device)
+    model.eval()
+    cls, maps = model.maps(imgs)
+    recon, ids = model.decode(maps, cls), maps.argmax(1)
+    tiles = []
+    for img, rec, pid in zip(imgs, recon, ids):
+        img, rec, col = denorm(img), denorm(rec), colorize(pid, size)
+        tiles += [img, rec, col, 0.5 * img + 0.5 * col]
+    save_image(tiles, path, nrow=8, padding=1)
+
+
+@torch.no_grad()
+def extract_parts(model, base, args, run):
+    """Argmax part id per patch for every training image (whole image, no augmentation); each process takes every
+    world-th image, then the ids are gathered and rank 0 writes one file atomically."""
+    from tqdm import tqdm
+    d, model = run.dist, model.eval()
+    data = SeededDataset(base, image_transform(part_transform(model.img_size, train=False)))
+    loader = make_loader(torch.utils.data.Subset(data, range(d.rank, len(base), d.world)), args.batch_size,
+                         args.num_workers)
+    out = [torch.empty(0, model.grid, model.grid, dtype=torch.uint8, device=run.device)]
+    for imgs, _, _ in tqdm(loader, desc="part ids", disable=not d.is_main, dynamic_ncols=True):
+        with autocast(run.device):
+            out.append(model.maps(imgs.to(run.device, non_blocking=True))[1].argmax(1).to(torch.uint8))
+    per_rank = -(-len(base) // d.world)
+    local = torch.cat(out)
+    local = torch.cat([local, local.new_zeros(per_rank - len(local), *local.shape[1:])])  # same shape on every rank
+    shards = [torch.empty_like(local) for _ in range(d.world)] if d.world > 1 else [local]
+    if d.world > 1:
+        torch_dist.all_gather(shards, local)
+    ids = torch.stack(shards, 1).flatten(0, 1)[:len(base)].cpu()  # rank r held images r, r + world, ...
+    if d.is_main:
+        save_checkpoint(args.out, {"method": "semmae-parts", "part_ids": ids, "paths": [base.path(i) for i in
+                        range(len(base))], "grid": [model.grid, model.grid], "num_parts": model.num_parts,
+                        "image_size": model.img_size, "teacher": str(args.teacher), "data": str(args.data)})
+        preview = args.preview or str(Path(args.out).with_suffix("")) + "_preview.png"
+        preview_parts(model, base, preview, run.device)
+        counts = torch.bincount(ids.flatten().long(), minlength=model.num_parts) / ids.numel()
+        d.print(f"wrote {args.out}: {len(base)} images x {model.grid}x{model.grid} part ids, part shares "
+                f"{' '.join(f'{c:.2f}' for c in counts.tolist())}; preview {preview}")
+    d.barrier()
+
+
+def main_parts(args):
+    if not 2 <= args.num_parts <= 255:
+        raise UserError("--num-parts must be between 2 and 255 (part ids are stored as uint8)")
+    if args.teacher == "random":
+        print("warning: --teacher random: a randomly initialised teacher, for smoke runs only; its parts are "
+              "meaningless", file=sys.stderr)
+        torch.manual_seed(args.seed)
+        teacher = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+    else:
+        teacher = load_vit(args.teacher)
+    if teacher.config["img_size"] != args.input_size:
+        raise UserError(f"the teacher {args.teacher} works at {teacher.config['img_size']} px; pass --input-size "
+                        f"{teacher.config['img_size']}")
+    base = build_dataset(args.data, "train", args)
+    torch.manual_seed(args.seed)  # the same initialisation in every process
+    model = PartLearner(teacher, args.num_parts, args.dec_channels, args.div_weight)
+    run = TrainRun(args, "semmae-parts", SeededDataset(base, image_transform(part_transform(args.input_size, True))))
+    model.to(run.device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), betas=(0.9, 0.95))
+    ddp_model = run.prepare(model, optimizer, teacher)
+    if args.vis:
+        return preview_parts(model, base, args.vis, run.device) if run.dist.is_main else None
+    for _ in run.epochs():
+        model.train()
+        for _ in run.steps():
+            set_lr(optimizer, run.lr())
+            for micro, (imgs, _), rng in run.micro_batches():
+                with run.no_sync(ddp_model, micro), autocast(run.device):
+                    loss, metrics = ddp_model(imgs, rng)
+                run.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.end_step(metrics)
+    extract_parts(model, base, args, run)
+
+
+# ==================================================================================================== stage B CLI
+def vis_masks(args, base, parts, path, count=4):
+    """PNG: per image, the image, its part map and the masks at alpha 0, 0.5 and 1 (masked patches greyed)."""
+    from torchvision.utils import save_image
+    k, p, s = parts["num_parts"], args.patch_size or VIT_PRESETS[args.model][3], args.input_size
+    tf, g, grid = joint_transform(s, p, k, train=False), torch.Generator().manual_seed(args.seed), s // p
+    tiles = []
+    for i in range(min(count, len(base))):
+        img, ids, _ = tf(*WithParts(base, parts["part_ids"]).load(i))
+        img, tiles = denorm(img), tiles + [denorm(img), colorize(ids.view(grid, grid), s)]
+        for alpha in (0.0, 0.5, 1.0):
+            _, msk = semantic_guided_masking(ids[None], args.mask_ratio, alpha, generator=g, num_parts=k)
+            keep = torch.ones(grid * grid).index_fill(0, msk[0], 0.0).view(1, 1, grid, grid)
+            keep = F.interpolate(keep, size=(s, s), mode="nearest")[0]
+            tiles.append(img * keep + 0.5 * (1 - keep))
+    save_image(tiles, path, nrow=5, padding=1)
+    print(f"wrote {path}")
+
+
+def bench(args, model, device, num_parts):
+    """--bench: the real training step (masking, forward, backward, AdamW) on random tensors already on the device."""
+    b, s, n = args.batch_size, args.input_size, model.encoder.num_patches
+    model.to(device).train()
+    imgs, ids = torch.randn(b, 3, s, s, device=device), torch.randint(num_parts, (b, n), device=device)
+    alpha = torch.tensor(0.5, device=device)
+    ids = None if args.masking == "random" else ids
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
+    fwd, step = (torch.compile(model) if args.compile else model), [0]
+
+    def fwd_bwd(m):
+        with autocast(device):
+            loss, _ = m(imgs, StepRandom.for_micro_step(args.seed, step[0], 0, b, 1, 0, 1, device), ids, alpha)
+        loss.backward()
+
+    def train_step():
+        fwd_bwd(fwd)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step[0] += 1
+    flops = count_flops(lambda: fwd_bwd(model)) / b
+    optimizer.zero_grad(set_to_none=True)
+    seconds, memory = time_steps(train_step, device, args.bench_steps)
+    return bench_report(f"semmae-{args.masking} {args.model}/{model.patch} {s}px", seconds, b, flops, device, memory)
+
+
+def main_pretrain(args):
+    if not 0 < args.mask_ratio < 1:
+        raise UserError("--mask-ratio must be in (0, 1)")
+    if args.gamma <= 0:
+        raise UserError("--gamma must be positive")
+    semantic = args.masking == "semantic"
+    if semantic and not args.parts and not args.bench:
+        raise UserError("--masking semantic needs --parts FILE from `semmae.py parts` (or use --masking random)")
+    if args.bench:
+        torch.manual_seed(args.seed)
+        encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+        return bench(args, SemMAE(encoder, 6, args.mask_ratio, args.decoder_dim, args.decoder_depth,
+                                  args.decoder_heads, args.norm_pix_loss), Dist(args.device).device, 6)
+    base = build_dataset(args.data, "train", args)
+    parts = load_parts(args.parts, base) if args.parts else None
+    if args.vis:
+        if parts is None:
+            raise UserError("--vis needs --parts")
+        return vis_masks(args, base, parts, args.vis)
+    torch.manual_seed(args.seed)  # the same initialisation in every process
+    encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+    num_parts = parts["num_parts"] if semantic else 1
+    model = SemMAE(encoder, num_parts, args.mask_ratio, args.decoder_dim, args.decoder_depth, args.decoder_heads,
+                   args.norm_pix_loss)
+    if semantic:
+        dataset = SeededDataset(WithParts(base, parts["part_ids"]),
+                                joint_transform(args.input_size, encoder.patch_size, num_parts))
+    else:
+        dataset = SeededDataset(base, image_transform(pretrain_transform(args.input_size)))
+    run = TrainRun(args, "semmae", dataset)
+    model.to(run.device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), betas=(0.9, 0.95))
+    ddp_model = run.prepare(model, optimizer, encoder)
+    for epoch in run.epochs():
+        model.train()
+        alpha = torch.tensor(alpha_for_epoch(args, epoch), device=run.device)  # a tensor: no recompile per epoch
+        for _ in run.steps():
+            set_lr(optimizer, run.lr())
+            for micro, batch, rng in run.micro_batches():
+                with run.no_sync(ddp_model, micro), autocast(run.device):
+                    loss, metrics = ddp_model(batch[0], rng, batch[1] if semantic else None, alpha)
+                run.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.end_step({**metrics, "alpha": alpha} if semantic else metrics)
+
+
+# ============================================================================================================= CLI
+def build_parser():
+    parser = argparse.ArgumentParser(description="SemMAE: stage A learns semantic parts, stage B pretrains an MAE "
+                                                 "with semantic-guided masking")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pa = add_common_args(sub.add_parser("parts", help="stage A: semantic part learning -> parts file"))
+    pa.add_argument("--teacher", required=True, help="frozen ViT checkpoint (ours, MAE, DINO, iBOT); 'random' for "
+                                                    "smoke runs")
+    pa.add_argument("--out", required=True, help="parts file to write (part ids for every training image)")
+    pa.add_argument("--num-parts", type=int, default=6, help="N attention maps / parts")
+    pa.add_argument("--div-weight", type=float, default=1.0, help="lambda of L_div")
+    pa.add_argument("--dec-channels", type=int, default=256, help="width of the StyleGAN-like decoder (halved per x2)")
+    pa.add_argument("--preview", default=None, help="PNG of the parts (default: next to --out)")
+    pa.add_argument("--vis", default=None, help="write a preview PNG of the current model and exit")
+    # (decision) the paper gives no stage-A recipe; a short run is enough for a small head and decoder
+    pa.set_defaults(output_dir="output/semmae-parts", epochs=20, warmup_epochs=2, blr=1e-3, weight_decay=0.05)
+
+    pb = add_common_args(sub.add_parser("pretrain", help="stage B: MAE with semantic-guided masking"))
+    pb.add_argument("--parts", default=None, help="parts file from `semmae.py parts`")
+    pb.add_argument("--masking", default="semantic", choices=["semantic", "random"], help="random: plain MAE")
+    pb.add_argument("--mask-ratio", type=float, default=0.75)
+    pb.add_argument("--alpha-schedule", default="power", choices=["power", "reverse", "const0", "const1", "cosine"])
+    pb.add_argument("--gamma", type=float, default=2.0, help="alpha = (t / T)^gamma")
+    pb.add_argument("--decoder-dim", type=int, default=512)
+    pb.add_argument("--decoder-depth", type=int, default=8)
+    pb.add_argument("--decoder-heads", type=int, default=16)
+    pb.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false")
+    pb.add_argument("--vis", default=None, help="write a PNG of parts and masks at alpha 0, 0.5, 1 and exit")
+    pb.add_argument("--bench", action="store_true", help="time the training step on random tensors and exit")
+    pb.add_argument("--bench-steps", type=int, default=10)
+    # paper / MAE recipe: ViT-B/16, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05 (batch 4096 = 64 x 8 GPUs x --accum 8)
+    pb.set_defaults(output_dir="output/semmae", model="base", epochs=800, warmup_epochs=40, blr=1.5e-4,
+                    weight_decay=0.05)
+    return parser
+
+
+def main(args):
+    check_common_args(args)
+    (main_parts if args.command == "parts" else main_pretrain)(args)
+
+
+if __name__ == "__main__":
+    run_main(main, build_parser())

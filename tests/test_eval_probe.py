@@ -1,0 +1,253 @@
+"""Tests of eval_probe.py: k-NN votes, LARS, the probe loop, feature pools, and end-to-end evaluation of checkpoints.
+
+To test the checkpoints of another script, add a maker to CHECKPOINT_MAKERS: a function tmp_path -> (checkpoint path,
+extra eval_probe flags, reference encoder). For this project's format the reference is `project_reference(path)`:
+    def make_semmae(tmp_path):
+        import semmae
+        semmae.main(semmae.build_parser().parse_args([...micro, 32 px, --max-steps 2, --output-dir tmp_path / "run"]))
+        path = tmp_path / "run" / "checkpoint.pth"
+        return path, [], project_reference(path)
+"""
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import eval_probe as ep
+
+SIZE, N_TRAIN = 32, 48  # micro ViT at 32 px: 4 x 4 patches; --data synthetic with 48 train / 12 val images
+CPU = common.Dist("cpu")  # one process
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny head and micro ViT run faster on one thread when other test processes load the machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def probe(ckpt, *flags, output=None):
+    args = ["--ckpt", str(ckpt), "--data", "synthetic", "--synthetic-size", str(N_TRAIN), "--num-workers", "0",
+            "--batch-size", "16", "--device", "cpu", *flags]
+    if output:
+        args += ["--output", str(output)]
+    return ep.main(ep.build_parser().parse_args(args))
+
+
+# ------------------------------------------------------------------------------------------------------------- k-NN
+def test_knn_weighted_vote_matches_hand_computation():
+    # one class-0 neighbour at cos 1 and two class-1 neighbours at cos 0.8 (features deliberately not unit length)
+    train = torch.tensor([[2.0, 0.0], [0.8, 0.6], [1.6, -1.2], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    test = torch.tensor([[3.0, 0.0]])
+    votes = ep.knn_votes(train, labels, test, [1, 3], temperature=0.07, num_classes=3)
+    assert torch.allclose(votes[3], torch.tensor([[math.exp(1 / 0.07), 2 * math.exp(0.8 / 0.07), 0.0]]), rtol=1e-4)
+    assert torch.allclose(votes[1], torch.tensor([[math.exp(1 / 0.07), 0.0, 0.0]]), rtol=1e-4)
+    # T = 0.07: the close neighbour outweighs the majority; T = 1: e^1 < 2 e^0.8, the majority wins
+    assert ep.knn_classify(train, labels, test, k=3).tolist() == [0]
+    assert ep.knn_classify(train, labels, test, k=3, temperature=1.0).tolist() == [1]
+    assert ep.knn_classify(train, labels, torch.tensor([[-5.0, 0.1], [0.9, 0.7]]), k=1).tolist() == [2, 1]
+
+
+def test_knn_leave_one_out_and_topk():
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 1, 1, 0])  # each nearest other sample has the other label
+    votes = ep.knn_votes(feats, labels, feats, [1], exclude_self=True)[1]
+    assert votes.argmax(1).tolist() == [1, 0, 0, 1]
+    scores = torch.tensor([[0.1, 0.5, 0.2, 0.0, 0.3, 0.4], [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    assert ep.topk_correct(scores, torch.tensor([2, 5])) == [0, 1]  # label 2 is 4th of row 0; label 5 last of row 1
+    assert ep.accuracy(scores, torch.tensor([1, 5])) == (50.0, 50.0)
+
+
+# ------------------------------------------------------------------------------------------------------------- LARS
+def test_lars_two_steps_match_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    opt = ep.LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
+    gw1, gb1 = torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.tensor([0.2, 0.4])
+    w.grad, b.grad = gw1.clone(), gb1.clone()
+    opt.step()
+    d1 = gw1 + 0.1 * torch.tensor([[3.0, 4.0], [0.0, 0.0]])  # weight decay only on the 2-D parameter
+    d1 = d1 * (0.001 * 5.0 / d1.norm())  # trust ratio eta ||w|| / ||d||
+    w1 = torch.tensor([[3.0, 4.0], [0.0, 0.0]]) - 0.5 * d1
+    b1 = torch.tensor([1.0, -1.0]) - 0.5 * gb1  # 1-D: plain SGD step, no decay, no trust ratio
+    assert torch.allclose(w.detach(), w1) and torch.allclose(b.detach(), b1)
+    gw2, gb2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([-0.1, 0.3])
+    w.grad, b.grad = gw2.clone(), gb2.clone()
+    opt.step()
+    d2 = gw2 + 0.1 * w1
+    d2 = d2 * (0.001 * w1.norm() / d2.norm())
+    assert torch.allclose(w.detach(), w1 - 0.5 * (0.9 * d1 + d2))  # momentum buffer mu = 0.9 mu + d
+    assert torch.allclose(b.detach(), b1 - 0.5 * (0.9 * gb1 + gb2))
+
+
+# ------------------------------------------------------------------------------------------------- probe training
+def test_probe_reaches_100_percent_on_separable_features(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 16, generator=g) * 3  # four well separated Gaussian classes
+    y, vy = torch.randint(4, (256,), generator=g), torch.randint(4, (128,), generator=g)
+    x, vx = means[y] + torch.randn(256, 16, generator=g), means[vy] + torch.randn(128, 16, generator=g)
+    lrs = []
+    monkeypatch.setattr(ep, "set_lr", lambda opt, lr: (lrs.append(lr), common.set_lr(opt, lr)))
+    torch.manual_seed(0)
+    head = ep.build_head(16, 4)
+    assert not head[0].affine and head[0].eps == 1e-6 and head[1].bias.abs().max() == 0
+    batches, n = ep.cached_batches(x, y, 32, CPU)
+    res = ep.fit_linear_head(head, batches, n, (vx, vy), CPU, epochs=10, warmup_epochs=1, lr=20.0, eval_every=5)
+    assert res["top1"] == 100.0 and res["history"][-1]["loss"] < 0.1
+    assert [r["epoch"] for r in res["history"]] == [4, 9]
+    # lr per step: linear warmup from 0 over 1 epoch (8 steps), then half-cosine (MAE's adjust_learning_rate)
+    assert len(lrs) == 80 and lrs[0] == 0.0 and lrs[4] == pytest.approx(10.0) and lrs[8] == pytest.approx(20.0)
+    assert lrs[44] == pytest.approx(common.cosine_schedule(4.5, 9, 20.0, 0.0))
+
+
+def test_feature_pools_and_gather_order(monkeypatch):
+    torch.manual_seed(0)
+    vit = common.build_vit("micro", img_size=SIZE).eval()
+    imgs = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        tokens, pre = vit(imgs), vit.forward_blocks(vit.embed(imgs))  # [3, 17, 64]
+    assert torch.allclose(ep.extract(vit, imgs, "cls"), tokens[:, 0], atol=1e-6)
+    assert torch.allclose(ep.extract(vit, imgs, "mean"), tokens[:, 1:].mean(1), atol=1e-6)
+    assert torch.allclose(ep.extract(vit, imgs, "prenorm-mean"), pre[:, 1:].mean(1), atol=1e-6)
+    # 3 processes hold rows rank::3 of 7 rows; the gathered tensor is in index order
+    rows = torch.arange(7.0)[:, None]
+
+    def fake_all_gather(parts, x):
+        for r in range(3):
+            shard = rows[r::3]
+            parts[r].zero_()[:len(shard)] = shard
+    monkeypatch.setattr(ep.torch_dist, "all_gather", fake_all_gather)
+    dist = SimpleNamespace(world=3, rank=1)
+    assert ep.gather_rows(dist, rows[1::3], 7).flatten().tolist() == list(range(7))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint formats
+def micro_vit():
+    torch.manual_seed(1)
+    return common.build_vit("micro", img_size=SIZE).eval()
+
+
+def project_reference(path):
+    """The encoder of a checkpoint in this project's format, rebuilt without load_vit."""
+    ckpt = torch.load(path, weights_only=True)
+    vit = common.ViT(**ckpt["encoder_args"])
+    vit.load_state_dict(ckpt["encoder"])
+    return vit.eval()
+
+
+def make_project(tmp_path):
+    vit, path = micro_vit(), tmp_path / "ours" / "checkpoint.pth"
+    path.parent.mkdir()
+    common.save_checkpoint(path, {"model": {"decoder.weight": torch.zeros(2)}, **common.encoder_export(vit, "test")})
+    return path, [], project_reference(path)
+
+
+def timm_state(vit):
+    """timm's VisionTransformer layout: the encoder keys plus a classification head."""
+    return {**vit.state_dict(), "head.weight": torch.randn(10, 64), "head.bias": torch.zeros(10)}
+
+
+def make_timm(tmp_path):
+    vit, path = micro_vit(), tmp_path / "timm.pth"
+    torch.save(timm_state(vit), path)
+    return path, ["--num-heads", "4"], vit  # 64-wide micro heads: the count cannot be inferred from the shapes
+
+
+def make_timm_wrapped(tmp_path):
+    vit, path = micro_vit(), tmp_path / "timm_ddp.pth"
+    torch.save({"model": {"module." + k: v for k, v in timm_state(vit).items()}, "epoch": 3}, path)
+    return path, ["--num-heads", "4"], vit
+
+
+CHECKPOINT_MAKERS = {"project": make_project, "timm": make_timm, "timm-ddp-wrapped": make_timm_wrapped}
+
+
+def reference_images(split):
+    data = common.SeededDataset(common.build_dataset("synthetic", split, size=SIZE, length=N_TRAIN, seed=0),
+                                common.image_transform(common.eval_transform(SIZE)))
+    samples = [data[i] for i in range(len(data))]  # (image, label, bad)
+    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+
+
+def reference_features(vit, split):
+    imgs, labels = reference_images(split)
+    with torch.no_grad():
+        return vit(imgs)[:, 0], labels  # cls token after the final norm
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKPOINT_MAKERS))
+def test_checkpoint_loads_and_evaluates(kind, tmp_path):
+    path, extra, ref = CHECKPOINT_MAKERS[kind](tmp_path)
+    args = ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic", "--device", "cpu", *extra])
+    vit = ep.load_encoder(args, CPU)
+    assert args.input_size == SIZE and vit.config["num_heads"] == 4
+    imgs = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(ep.extract(vit, imgs, "cls"), ref(imgs)[:, 0], atol=1e-5)
+    out = tmp_path / "results" / "probe.jsonl"
+    row = probe(path, "--mode", "knn", "--nb-knn", "3", *extra, output=out)
+    (tf, ty), (vf, vy) = reference_features(ref, "train"), reference_features(ref, "val")
+    for k in (1, 3):
+        expected = ep.accuracy(ep.knn_votes(tf, ty, vf, [k], num_classes=10)[k], vy)
+        assert (row["knn"][str(k)]["top1"], row["knn"][str(k)]["top5"]) == pytest.approx(expected)
+    if kind == "project":  # Latent MIM's NN: leave-one-out 1-NN on val, mean of patch tokens before the final norm
+        loo = probe(path, "--mode", "knn", "--loo", "--pool", "prenorm-mean", "--nb-knn", "1", output=out)
+        imgs = reference_images("val")[0]
+        with torch.no_grad():
+            pre = ref.forward_blocks(ref.embed(imgs))[:, 1:].mean(1)  # [12, 64]
+        sim = torch.nn.functional.normalize(pre, dim=1) @ torch.nn.functional.normalize(pre, dim=1).T
+        nearest = sim.fill_diagonal_(-2).argmax(1)
+        assert loo["k"] == 1 and loo["top1"] == pytest.approx(100 * (vy[nearest] == vy).float().mean().item())
+    cached = probe(path, "--cached", "--epochs", "2", "--warmup-epochs", "1", "--lr", "5", *extra, output=out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in lines][-1] == "linear" and lines[-1]["top1"] == cached["top1"]
+    assert cached["eff_batch"] == 16 and len(cached["history"]) == 2 and math.isfinite(cached["history"][-1]["loss"])
+
+
+def test_public_layout_head_count_from_presets_or_flag(tmp_path):
+    path, _, ref = make_timm(tmp_path)
+    vit = ep.load_encoder(ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic"]), CPU)
+    assert vit.config["num_heads"] == 4  # width 64 and depth 4 are the micro preset's: 4 heads
+    imgs = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(ep.extract(vit, imgs, "cls"), ref(imgs)[:, 0], atol=1e-5)
+    # --num-heads overrides the inferred count (here wrongly, so the features change)
+    vit1 = ep.load_encoder(ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic",
+                                                         "--num-heads", "1"]), CPU)
+    assert vit1.config["num_heads"] == 1
+    with torch.no_grad():
+        assert not torch.allclose(ep.extract(vit1, imgs, "cls"), ref(imgs)[:, 0], atol=1e-3)
+
+
+def test_full_protocol_with_augmentation_is_reproducible(tmp_path):
+    path, _, _ = make_project(tmp_path)
+    flags = ["--epochs", "2", "--warmup-epochs", "1", "--pool", "mean", "--output", str(tmp_path / "p.jsonl")]
+    a, b = probe(path, *flags), probe(path, *flags)
+    assert a["history"] == b["history"] and not a["cached"] and a["lr"] == pytest.approx(0.1 * 16 / 256)
+    assert len(a["history"]) == 2 and a["pool"] == "mean"
+
+
+# ------------------------------------------------------------------------------------------------------------ errors
+def test_clear_errors(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "no_vit.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, bad)
+    with pytest.raises(common.UserError, match="no ViT encoder"):
+        probe(bad)
+    path, _, _ = make_project(tmp_path)
+    expected = r"built for 32 px images \(4x4 patches of 8 px\) but --input-size is 64; pass --input-size 32"
+    with pytest.raises(common.UserError, match=expected):
+        probe(path, "--input-size", "64")
+    with pytest.raises(common.UserError, match="--loo"):
+        probe(path, "--loo")
+    monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(bad), "--data", "synthetic"])
+    with pytest.raises(SystemExit) as exit_info:  # the command line: one line on stderr, exit code 2
+        common.run_main(ep.main, ep.build_parser())
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no ViT encoder" in err

@@ -1,0 +1,249 @@
+"""SemMAE: the seed's equations against hand values, the masking algorithm against a per-image loop, part maps that
+follow the augmentation, and both stages end to end on tiny synthetic data."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import semmae
+from common import (StepRandom, UserError, build_dataset, build_vit, encoder_export, load_checkpoint, mix_seed,
+                    param_groups, save_checkpoint)
+
+TINY = ["--model", "micro", "--input-size", "32", "--num-workers", "0", "--batch-size", "8", "--synthetic-size", "16",
+        "--warmup-epochs", "0", "--seed", "0"]
+
+
+# ------------------------------------------------------------------------------------------------------ equations
+def test_diversity_loss_hand_values():
+    n, hw = 4, 10
+    identical = torch.rand(1, 1, hw).expand(2, n, hw)
+    # cos = 1 everywhere: the N^2 - N off-diagonal terms give 1 each, the diagonal 0 -> (N^2 - N) / N^2
+    assert semmae.diversity_loss(identical).item() == pytest.approx(1 - 1 / n, abs=1e-6)
+    orthogonal = torch.zeros(2, n, hw)
+    for i in range(n):
+        orthogonal[:, i, 2 * i:2 * i + 2] = torch.rand(2)  # disjoint supports
+    assert semmae.diversity_loss(orthogonal).item() == pytest.approx(0.0, abs=1e-7)
+    # m1 = (1, 0), m2 = (1, 1): cos = 1/sqrt(2), two off-diagonal terms of 1/2 -> 1 / 2^2 = 0.25
+    two = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    assert semmae.diversity_loss(two).item() == pytest.approx(0.25, abs=1e-6)
+    # averaged over the batch: (0.25 + 0) / 2
+    both = torch.cat([two, torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])])
+    assert semmae.diversity_loss(both).item() == pytest.approx(0.125, abs=1e-6)
+    assert semmae.part_objective(torch.tensor(0.5), torch.tensor(0.25), 2.0).item() == 1.0
+
+
+def test_alpha_schedule_first_and_last_epoch():
+    assert semmae.alpha_schedule(0, 800) == pytest.approx((1 / 800) ** 2)
+    assert semmae.alpha_schedule(799, 800) == 1.0
+    assert semmae.alpha_schedule(399, 800, gamma=1.0) == 0.5
+    assert semmae.alpha_schedule(0, 4, gamma=0.5) == pytest.approx(0.5)
+    args = semmae.build_parser().parse_args(["pretrain", "--data", "synthetic", "--epochs", "4"])
+    assert args.gamma == 2.0 and args.mask_ratio == 0.75 and args.blr == 1.5e-4 and args.epochs == 4
+    assert [semmae.alpha_for_epoch(args, e) for e in range(4)] == [1 / 16, 1 / 4, 9 / 16, 1.0]
+    args.alpha_schedule = "reverse"
+    assert semmae.alpha_for_epoch(args, 0) == 15 / 16 and semmae.alpha_for_epoch(args, 3) == 0.0
+    args.alpha_schedule = "const1"
+    assert semmae.alpha_for_epoch(args, 0) == 1.0
+
+
+def test_part_mask_counts_settings():
+    sizes = torch.tensor([[6, 10, 3, 5, 0], [20, 1, 1, 1, 1]])  # L = 24 each, r L = 18
+    n0 = semmae.part_mask_counts(sizes, 0.75, 0.0, torch.Generator().manual_seed(0))
+    # setting 1: round(0.75 a_k), half to even: 4.5 -> 4, 7.5 -> 8, 2.25 -> 2, 3.75 -> 4
+    assert n0.tolist() == [[4, 8, 2, 4, 0], [15, 1, 1, 1, 1]]
+    for seed in range(20):
+        n1 = semmae.part_mask_counts(sizes, 0.75, 1.0, torch.Generator().manual_seed(seed))
+        assert n1.sum(1).tolist() == [18, 18]  # setting 2 uses the whole budget floor(r L)
+        partial = ((n1 > 0) & (n1 < sizes)).sum(1)
+        assert (partial <= 1).all() and (n1 <= sizes).all()
+    # the blend is round((1 - alpha) n1 + alpha n2) with the same part order
+    g = lambda: torch.Generator().manual_seed(3)
+    n_half = semmae.part_mask_counts(sizes, 0.75, 0.5, g())
+    n2 = semmae.part_mask_counts(sizes, 0.75, 1.0, g())
+    assert n_half.tolist() == torch.round(0.5 * n0 + 0.5 * n2).long().tolist()
+
+
+def reference_masking(part_ids, mask_ratio, alpha, num_parts, generator):
+    """The official algorithm, one image at a time with Python lists (same random draws)."""
+    b, n = part_ids.shape
+    visible_count, budget = int(n * (1 - mask_ratio)), n - int(n * (1 - mask_ratio))
+    perm_all = torch.rand(b, n, generator=generator).argsort(1)
+    order_all = torch.rand(b, num_parts, generator=generator).argsort(1)
+    out = []
+    for img in range(b):
+        perm = perm_all[img].tolist()
+        ids = [int(part_ids[img, i]) for i in perm]
+        sizes = [ids.count(k) for k in range(num_parts)]
+        n1 = [torch.round(torch.tensor(mask_ratio * a)) for a in sizes]
+        n2, used = [0] * num_parts, 0
+        for k in order_all[img].tolist():  # whole parts in random order until the budget is spent
+            n2[k] = min(sizes[k], max(0, budget - used))
+            used += sizes[k]
+        counts = [int(torch.round((1 - alpha) * n1[k].float() + alpha * torch.tensor(float(n2[k]))))
+                  for k in range(num_parts)]
+        seen, masked = [0] * num_parts, []
+        for pos, k in enumerate(ids):
+            seen[k] += 1
+            masked.append(seen[k] <= counts[k])
+        order = [perm[p] for p in range(n) if not masked[p]] + [perm[p] for p in range(n) if masked[p]]
+        out.append((sorted(order[:visible_count]), sorted(order[visible_count:])))
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_semantic_guided_masking_matches_reference(alpha):
+    g = torch.Generator().manual_seed(1)
+    part_ids = torch.randint(0, 4, (6, 49), generator=g)  # part 4 of 5 is empty
+    part_ids[0, :30] = 0  # a dominant part
+    vis, msk = semmae.semantic_guided_masking(part_ids, 0.75, alpha, torch.Generator().manual_seed(7), num_parts=5)
+    ref = reference_masking(part_ids, 0.75, alpha, 5, torch.Generator().manual_seed(7))
+    for img, (rv, rm) in enumerate(ref):
+        assert sorted(vis[img].tolist()) == rv and sorted(msk[img].tolist()) == rm
+
+
+def test_visible_count_exact_for_every_alpha():
+    g = torch.Generator().manual_seed(2)
+    for n, r in [(49, 0.75), (64, 0.75), (100, 0.29), (16, 0.5), (196, 0.9)]:
+        part_ids = torch.randint(0, 6, (5, n), generator=g)
+        for alpha in torch.linspace(0, 1, 11).tolist():
+            vis, msk = semmae.semantic_guided_masking(part_ids, r, alpha, g, num_parts=6)
+            assert vis.shape == (5, int(n * (1 - r))) and msk.shape == (5, n - int(n * (1 - r)))
+            assert (torch.cat([vis, msk], 1).sort(1).values == torch.arange(n)).all()  # a partition of the patches
+    # in training the noise comes from StepRandom: same draws as a generator seeded with (seed, step)
+    part_ids = torch.randint(0, 6, (4, 49), generator=g)
+    rng = StepRandom(5, 3, torch.device("cpu"), slice(0, 4), 4)
+    a = semmae.semantic_guided_masking(part_ids, 0.75, 0.4, rng=rng, num_parts=6)
+    b = semmae.semantic_guided_masking(part_ids, 0.75, 0.4, torch.Generator().manual_seed(mix_seed(5, 3)), num_parts=6)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def per_part(ids, chosen, k):
+    return F.one_hot(ids.gather(1, chosen), k).sum(1)  # [B, K] patches of each part among `chosen`
+
+
+def test_alpha_one_masks_whole_parts_and_alpha_zero_every_part():
+    g = torch.Generator().manual_seed(3)
+    part_ids = torch.randint(0, 5, (16, 64), generator=g)
+    sizes = F.one_hot(part_ids, 5).sum(1)
+    _, msk = semmae.semantic_guided_masking(part_ids, 0.75, 1.0, g, num_parts=5)
+    masked = per_part(part_ids, msk, 5)
+    whole_or_none = (masked == 0) | (masked == sizes)
+    assert ((~whole_or_none).sum(1) <= 1).all()  # at most one partially masked part per image
+    # alpha = 0: round(r a_k) in every part (a layout where these add up to the budget r L = 12 of L = 16)
+    part_ids = torch.tensor([[0] * 8 + [1] * 4 + [2] * 4]).repeat(8, 1)
+    part_ids = part_ids.gather(1, torch.rand(8, 16, generator=g).argsort(1))  # scattered over the grid
+    _, msk = semmae.semantic_guided_masking(part_ids, 0.75, 0.0, g, num_parts=3)
+    assert (per_part(part_ids, msk, 3) == torch.tensor([6, 3, 3])).all()
+
+
+# ----------------------------------------------------------------------------------------------- part maps and data
+def test_part_map_follows_crop_and_flip():
+    size, patch, grid = 32, 8, 8
+    part_map = (torch.arange(grid)[None, :] // 2 + 4 * (torch.arange(grid)[:, None] // 4)).to(torch.uint8)  # 8 parts
+    levels = torch.linspace(0, 255, 8).round()
+    img = levels[F.interpolate(part_map[None, None].float(), size=(48, 48), mode="nearest-exact")[0, 0].long()]
+    img = img.expand(3, -1, -1).to(torch.uint8)  # the image shows its own part map as grey levels
+    per_pixel, per_patch = semmae.joint_transform(size, 1, 8), semmae.joint_transform(size, patch, 8)
+    flipped = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out, pixel_ids, _ = per_pixel(img, part_map, 0)  # "patches" of 1 pixel: the transformed map itself
+        torch.manual_seed(seed)
+        _, ids, _ = per_patch(img, part_map, 0)
+        grey = semmae.denorm(out)[0] * 255  # [S, S]
+        from_img = (grey[:, :, None] - levels).abs().argmin(-1)  # part read back from the pixels
+        labels = pixel_ids.view(1, 1, size, size).float()
+        border = F.max_pool2d(labels, 5, 1, 2) != -F.max_pool2d(-labels, 5, 1, 2)  # within 2 px of another part
+        assert (from_img.flatten() == pixel_ids)[~border.flatten()].all()  # bicubic only blurs the borders
+        assert (from_img.flatten() == pixel_ids).float().mean() >= 0.85
+        votes = F.one_hot(pixel_ids.view(size, size), 8).permute(2, 0, 1).float()
+        assert torch.equal(F.avg_pool2d(votes, patch).argmax(0).flatten(), ids)  # majority part of each patch
+        flipped += int(from_img[0, 0] > from_img[0, -1])  # parts grow to the right unless the map was flipped
+    assert 0 < flipped < 12  # both flipped and unflipped crops were checked
+
+
+def teacher_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pth"
+    save_checkpoint(path, encoder_export(build_vit("micro", img_size=32), "test"))
+    return path
+
+
+def test_stage_a_lowers_loss():
+    torch.manual_seed(0)
+    model = semmae.PartLearner(build_vit("micro", img_size=32), num_parts=4, channels=32)
+    base = build_dataset("synthetic", "train", size=32, length=8)
+    imgs = torch.stack([semmae.part_transform(32, False)(base.load(i)[0]) for i in range(8)])
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=3e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(12):
+        loss, metrics = model(imgs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_stage_a_writes_parts_that_stage_b_reads(tmp_path):
+    teacher = teacher_file(tmp_path)
+    parts = tmp_path / "parts.pt"
+    semmae.main(semmae.build_parser().parse_args(
+        ["parts", "--data", "synthetic", "--teacher", str(teacher), "--out", str(parts), "--epochs", "2",
+         "--num-parts", "4", "--dec-channels", "16", "--output-dir", str(tmp_path / "a"), "--lr", "3e-3", *TINY]))
+    log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert log[-1]["loss"] < log[0]["loss"] and math.isfinite(log[-1]["l_div"])
+    saved = torch.load(parts, weights_only=True)
+    assert saved["part_ids"].dtype == torch.uint8 and saved["part_ids"].shape == (16, 4, 4)
+    assert saved["paths"] == [f"synthetic:0:{i}" for i in range(16)] and saved["num_parts"] == 4
+    assert int(saved["part_ids"].max()) < 4 and (tmp_path / "parts_preview.png").is_file()
+
+    out = tmp_path / "b"
+    common = ["--data", "synthetic", "--parts", str(parts), "--decoder-dim", "32", "--decoder-depth", "1",
+              "--decoder-heads", "2", "--output-dir", str(out), *TINY]
+    semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "2", *common]))
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [row["alpha"] for row in log] == [0.25, 1.0]  # (t / T)^2, t = 1, 2, T = 2
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["method"] == "semmae" and ckpt["step"] == 4 and ckpt["encoder_args"]["patch_size"] == 8
+
+    vis = tmp_path / "masks.png"
+    semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "2", "--vis", str(vis), *common]))
+    from PIL import Image
+    assert Image.open(vis).size == (5 * 33 + 1, 4 * 33 + 1)  # 4 images x (image, parts, 3 masks), 1 px padding
+
+    # a parts file of another dataset is refused with one clear line
+    with pytest.raises(UserError, match="parts for 16 images but the dataset has 24"):
+        semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "1", *common, "--synthetic-size", "24"]))
+    with pytest.raises(UserError, match="does not match the dataset"):
+        semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "1", *common, "--seed", "1"]))
+
+
+def test_stage_b_steps_lower_loss():
+    torch.manual_seed(0)
+    model = semmae.SemMAE(build_vit("micro", img_size=32), num_parts=4, dec_dim=32, dec_depth=1, dec_heads=2)
+    base = build_dataset("synthetic", "train", size=32, length=8)
+    imgs = torch.stack([semmae.part_transform(32, False)(base.load(i)[0]) for i in range(8)])
+    part_ids = torch.randint(0, 4, (8, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=2e-3, betas=(0.9, 0.95))
+    losses = []
+    for step in range(15):
+        loss, _ = model(imgs, StepRandom(0, step, torch.device("cpu"), slice(0, 8), 8), part_ids, 0.5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
+
+
+def test_bad_flags():
+    parse = semmae.build_parser().parse_args
+    with pytest.raises(UserError, match="mask-ratio"):
+        semmae.main(parse(["pretrain", "--data", "synthetic", "--mask-ratio", "1.0"]))
+    with pytest.raises(UserError, match="needs --parts"):
+        semmae.main(parse(["pretrain", "--data", "synthetic"]))
+    with pytest.raises(SystemExit):
+        parse(["parts", "--data", "synthetic"])  # --teacher and --out are required
