@@ -11,18 +11,20 @@ Official code: github.com/yibingwei-1/LatentMIM (models_lmim.py, vits.py, xvits.
     torchrun --nproc_per_node=8 latent_mim.py --data /imagenet          # the paper's ImageNet recipe (defaults)
     python latent_mim.py --data synthetic --model micro --input-size 64 --gap 2 --epochs 5   # CPU demo
 """
-import argparse, copy, itertools, math
+import argparse, copy, math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from torch.profiler import record_function
+
 from common import (VIT_PRESETS, Attention, Block, Dist, Mlp, SeededDataset, StepRandom, TrainRun, UserError,
-                    add_common_args, autocast, bench_report, build_dataset, build_vit, check_common_args,
-                    cosine_schedule, count_flops, ema_momentum, ema_update, gather_tokens, get_2d_sincos_pos_embed,
-                    image_transform, init_weights_mae, mix_seed, param_groups, patchify, pretrain_transform,
-                    random_masking, run_main, set_lr, time_steps, IMAGENET_MEAN, IMAGENET_STD)
+                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
+                    check_common_args, cosine_schedule, ema_momentum, ema_update, gather_tokens,
+                    get_2d_sincos_pos_embed, image_transform, init_weights_mae, mix_seed, patchify, pretrain_transform,
+                    random_masking, run_main, set_lr, IMAGENET_MEAN, IMAGENET_STD)
 
 METHOD = "latent_mim"
 TARGETS = ("momentum", "shared-stopgrad", "independent", "joint")
@@ -259,16 +261,21 @@ class LatentMIM(nn.Module):
         return self.encode(*enc, pixels, ids, rng)[:, 1:]  # independent, joint: gradients flow into the targets too
 
     def forward(self, imgs, rng):
-        pixels, vis_ids, tgt_ids = self.views(imgs, rng)
-        z = self.encode(self.encoder, self.proj, gather_tokens(pixels, vis_ids), vis_ids, rng)  # [B, 1+V, D]
-        target = self.targets(gather_tokens(pixels, tgt_ids), tgt_ids, rng)  # [B, T, D]
-        pred = self.decoder(z, vis_ids, tgt_ids)  # [B, T, D] raw predictions z^
-        if self.loss_kind == "patchdisc":
-            loss = latent_loss(pred_to_unit(pred) if self.pred2unit else pred, target, "patchdisc", self.tau)
-        else:  # per-token standardised targets (official 'norm_l2'; (decision) also for L1 / Huber, code has MSE only)
-            loss = latent_loss(pred, standardize_tokens(target), self.loss_kind, self.tau, self.delta)
-        if self.sim_weight > 0:
-            loss = loss + self.sim_weight * similarity_regularizer(pred, z[:, 1:], self.sim_gamma)
+        with record_function("masking"):  # labels for `--bench --profile`
+            pixels, vis_ids, tgt_ids = self.views(imgs, rng)
+        with record_function("encoder"):
+            z = self.encode(self.encoder, self.proj, gather_tokens(pixels, vis_ids), vis_ids, rng)  # [B, 1+V, D]
+        with record_function("teacher"):
+            target = self.targets(gather_tokens(pixels, tgt_ids), tgt_ids, rng)  # [B, T, D]
+        with record_function("decoder"):
+            pred = self.decoder(z, vis_ids, tgt_ids)  # [B, T, D] raw predictions z^
+        with record_function("loss"):
+            if self.loss_kind == "patchdisc":
+                loss = latent_loss(pred_to_unit(pred) if self.pred2unit else pred, target, "patchdisc", self.tau)
+            else:  # per-token standardised targets (official 'norm_l2'; (decision) also L1 / Huber: code has MSE only)
+                loss = latent_loss(pred, standardize_tokens(target), self.loss_kind, self.tau, self.delta)
+            if self.sim_weight > 0:
+                loss = loss + self.sim_weight * similarity_regularizer(pred, z[:, 1:], self.sim_gamma)
         with torch.no_grad():  # the collapse monitor ("Sim"): within-image mean pairwise cosine, on device
             metrics = {"sim_pred": mean_pairwise_cosine(pred).mean(), "sim_vis": mean_pairwise_cosine(z[:, 1:]).mean(),
                        "sim_target": mean_pairwise_cosine(target).mean()}
@@ -304,8 +311,7 @@ def build_parser():
     a("--proj-dim", type=int, default=4096, help="projector hidden width")
     a("--min-lr-frac", type=float, default=0.25, help="lr warms up from and decays to this fraction of the peak")
     a("--vis", default="", help="write a PNG of jittered grids and visible / target patches to this path and exit")
-    a("--bench", action="store_true", help="time the training step on random tensors on the device and exit")
-    a("--bench-steps", type=int, default=10)
+    add_bench_args(parser)
     # the official ImageNet recipe: 256 per GPU x 8 GPUs x accum 2 = 4096; lr = 1.5e-4 * 4096 / 256 = 2.4e-3
     parser.set_defaults(model="base", input_size=224, epochs=800, warmup_epochs=40, batch_size=256, accum=2,
                         blr=1.5e-4, weight_decay=0.05)
@@ -383,27 +389,10 @@ def bench(args, model):
     """--bench: optimizer steps of the real training step on random tensors already on the device (no loader)."""
     device = Dist(args.device).device
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    step_model = torch.compile(model) if args.compile else model
-    B, steps = args.batch_size, itertools.count()
-    imgs = torch.randn(B, 3, args.crop_size, args.crop_size, device=device)
-
-    def forward_backward(net):
-        with autocast(device):
-            loss, _ = net(imgs, StepRandom(args.seed, next(steps), device, slice(0, B), B))
-        loss.backward()
-
-    def train_step():
-        forward_backward(step_model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if model.target == "momentum":
-            model.momentum_update(args.momentum)
-
-    flops = count_flops(lambda: forward_backward(model))  # eager model: the counter does not trace compiled code
-    optimizer.zero_grad(set_to_none=True)
-    seconds, memory = time_steps(train_step, device, args.bench_steps)
-    return bench_report(METHOD, seconds, B, flops / B, device, memory)
+    imgs = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
+    ema = (lambda: model.momentum_update(args.momentum)) if model.target == "momentum" else None
+    case = (model, [imgs], build_adamw(model, args.weight_decay, 1e-4), ema)
+    return benchmark({METHOD: case}, device, args.bench_steps, args.compile, args.profile, args.seed)[METHOD]
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -417,12 +406,12 @@ def main(args):
         return bench(args, model)
     run = TrainRun(args, METHOD, train_dataset(args))
     model.to(run.device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=run.peak_lr, betas=(0.9, 0.95))
+    optimizer = build_adamw(model, args.weight_decay, run.peak_lr)
     # Exported encoder = the online encoder: it is the network the loss trains (the target is only its EMA, or
     # absent), and the official k-NN evaluation reads `model.encoder` too. Its config (224 px, gap 0) is what
     # eval_probe's load_vit rebuilds; the projector is dropped, as in the official evaluation.
     ddp_model = run.prepare(model, optimizer, model.encoder)
-    run.measure_flops(model, torch.zeros(args.batch_size, 3, args.crop_size, args.crop_size, device=run.device))  # MFU
+    run.measure_flops(model, torch.zeros(2, 3, args.crop_size, args.crop_size, device=run.device))  # for MFU in the log
     for epoch in run.epochs():
         for step in run.steps():
             set_lr(optimizer, run.lr(start_frac=args.min_lr_frac, end_frac=args.min_lr_frac))

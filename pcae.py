@@ -21,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (VIT_PRESETS, Block, Dist, SeededDataset, StepRandom, TrainRun, UserError, add_common_args,
-                    autocast, bench_report, build_dataset, build_vit, check_common_args, count_flops, ema_momentum,
-                    ema_update, eval_transform, gather_tokens, get_2d_sincos_pos_embed, image_transform,
-                    init_weights_mae, load_checkpoint, load_state, param_groups, patchify, pretrain_transform,
-                    random_masking, run_main, set_lr, time_steps, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
+from torch.profiler import record_function
+
+from common import (VIT_PRESETS, Block, Dist, SeededDataset, StepRandom, TrainRun, UserError, add_bench_args,
+                    add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
+                    ema_momentum, ema_update, eval_transform, gather_tokens, get_2d_sincos_pos_embed, image_transform,
+                    init_weights_mae, load_checkpoint, load_state, patchify, pretrain_transform, random_masking,
+                    run_main, set_lr, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------ the seed's equations
@@ -165,22 +167,32 @@ class PCAE(nn.Module):
 
     def forward(self, imgs, rng):
         """Training step: imgs [B, 3, H, W], rng StepRandom -> (loss, metrics)."""
-        patches = patchify(imgs, self.patch_size)  # [B, L, p*p*3]
-        vis_ids, mask_ids = self.mask(rng)  # [B, V], [B, L-V]
-        target, kept_ids, _ = self.teacher_forward(patches, mask_ids, rng)  # [B, K, D], [B, K]
-        pred = self.decode(self.encode(patches, vis_ids, rng), vis_ids, kept_ids, rng)  # [B, K, D]
-        return cosine_loss(pred, target), {}
+        with record_function("masking"):  # labels for `--bench --profile`
+            patches = patchify(imgs, self.patch_size)  # [B, L, p*p*3]
+            vis_ids, mask_ids = self.mask(rng)  # [B, V], [B, L-V]
+        with record_function("teacher"):
+            target, kept_ids, _ = self.teacher_forward(patches, mask_ids, rng)  # [B, K, D], [B, K]
+        with record_function("encoder"):
+            latent = self.encode(patches, vis_ids, rng)  # [B, 1+V, D]
+        with record_function("decoder"):
+            pred = self.decode(latent, vis_ids, kept_ids, rng)  # [B, K, D]
+        with record_function("loss"):
+            return cosine_loss(pred, target), {}
 
     def forward_mae_style(self, imgs, rng, proj=None):
         """Benchmark baseline: the same encoder and decoder, no teacher, the decoder predicts ALL L-V masked patches
         (147 for ViT-B/16) with the same cosine loss against per-patch targets of the same width: MAE's normalised
         pixels (through a fixed projection `proj` [p*p*3, D] when p*p*3 != D)."""
-        patches = patchify(imgs, self.patch_size)
-        vis_ids, mask_ids = self.mask(rng)
-        target = gather_tokens(patches, mask_ids)  # [B, L-V, p*p*3]
-        target = standardize(target if proj is None else target @ proj)
-        pred = self.decode(self.encode(patches, vis_ids, rng), vis_ids, mask_ids, rng)  # [B, L-V, D]
-        return cosine_loss(pred, target), {}
+        with record_function("masking"):
+            patches = patchify(imgs, self.patch_size)
+            vis_ids, mask_ids = self.mask(rng)
+        with record_function("encoder"):
+            latent = self.encode(patches, vis_ids, rng)
+        with record_function("decoder"):
+            pred = self.decode(latent, vis_ids, mask_ids, rng)  # [B, L-V, D]
+        with record_function("loss"):
+            target = gather_tokens(patches, mask_ids)  # [B, L-V, p*p*3]
+            return cosine_loss(pred, standardize(target if proj is None else target @ proj)), {}
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -211,8 +223,7 @@ def build_parser():
     a("--ema", type=float, default=0.9999, help="teacher momentum at step 0, rising to 1 on a cosine")
     a("--vis", default="", metavar="PATH", help="write a PNG of the masks and the teacher's kept patches, then exit")
     a("--vis-images", type=int, default=6)
-    a("--bench", action="store_true", help="time the training step on random tensors, then exit")
-    a("--bench-steps", type=int, default=10)
+    add_bench_args(parser)
     a("--bench-baseline", action="store_true",
       help="implies --bench: also time a MAE-style step (same encoder and decoder, all masked patches decoded)")
     # Public code (caddyless/PCAE main_pretrain.py): ViT-B/16, 400 epochs, 40 warmup, batch 64 per GPU, blr 1.5e-4.
@@ -249,12 +260,6 @@ def check_args(args):
         raise UserError("--drop-path must be in [0, 1) and --ema in [0, 1]")
 
 
-def make_optimizer(model, args, lr):
-    """AdamW (0.9, 0.95) without decay on biases / norms / tokens. fused=True: one kernel for all parameters, the same
-    update as the default for-each version up to rounding, about 4x faster on CPU for ViT-B (0.5 s vs 2.1 s a step)."""
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
-
-
 def main(args):
     check_args(args)
     if args.vis:
@@ -266,10 +271,10 @@ def main(args):
     run = TrainRun(args, "pcae", dataset)
     torch.manual_seed(args.seed)  # same init on every process
     model = build_model(args).to(run.device)
-    optimizer = make_optimizer(model, args, run.peak_lr)
+    optimizer = build_adamw(model, args.weight_decay, run.peak_lr)
     # The exported encoder is the student (MAE-style methods fine-tune the online network).
     ddp_model = run.prepare(model, optimizer, model.student)
-    run.measure_flops(model, torch.zeros(args.batch_size, 3, args.input_size, args.input_size, device=run.device))
+    run.measure_flops(model, torch.zeros(2, 3, args.input_size, args.input_size, device=run.device))  # for MFU
     for epoch in run.epochs():
         for step in run.steps():
             set_lr(optimizer, run.lr())
@@ -282,59 +287,28 @@ def main(args):
             # EMA after the optimizer step only (the public code also ran it on accumulation micro-steps).
             model.update_teacher(ema_momentum(run.step, run.total_steps, args.ema))
             run.end_step(metrics)
-    run.dist.close()
 
 
 # ------------------------------------------------------------------------------------------------------- benchmark
 def bench(args):
     """Times the real optimizer step (forward, backward, AdamW, EMA) on random tensors already on the device; with
-    --bench-baseline also a MAE-style step (same model, all masked tokens decoded, no teacher), in the same process."""
+    --bench-baseline also a MAE-style step (same model, all masked tokens decoded, no teacher), in the same process,
+    interleaved with the PCAE steps."""
     device = Dist(args.device).device
     torch.manual_seed(args.seed)
     model = build_model(args).to(device).train()
-    b = args.batch_size
-    optimizer = make_optimizer(model, args, args.lr if args.lr is not None else args.blr * b / 256)
-    imgs = torch.randn(b, 3, args.input_size, args.input_size, device=device)
-    width, pix = model.student.embed_dim, model.patch_size ** 2 * 3
-    proj = None if pix == width else torch.randn(pix, width, device=device) / math.sqrt(pix)
-    fwd = torch.compile(model) if args.compile else model
-    mae = torch.compile(model.forward_mae_style) if args.compile else model.forward_mae_style
-    counter = [0]
-
-    def make_step(baseline):
-        def step():
-            rng = StepRandom(args.seed, counter[0], device, slice(0, b), b)
-            counter[0] += 1
-            with autocast(device):
-                loss, _ = mae(imgs, rng, proj) if baseline else fwd(imgs, rng)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not baseline:
-                model.update_teacher(args.ema)  # part of the PCAE step
-        return step
-
-    names = ["pcae"] + (["mae-style"] if args.bench_baseline else [])
-    steps = {name: make_step(name != "pcae") for name in names}
-    flops = {name: count_flops(steps[name]) / b for name in names}  # also a first warm-up step
-    if len(names) == 1:
-        seconds, memory = time_steps(steps["pcae"], device, steps=args.bench_steps)
-        return {"pcae": bench_report("pcae", seconds, b, flops["pcae"], device, memory)}
-    # Both in the same process, interleaved one step at a time so that a busy machine slows both alike; the
-    # median step time is robust to the odd spike.
-    times = {name: [] for name in names}
-    memory = {}
-    for name in names:
-        steps[name]()  # a second warm-up step after the one counted
-    for _ in range(args.bench_steps):
-        for name in names:
-            seconds, memory[name] = time_steps(steps[name], device, steps=1, warmup=0)
-            times[name].append(seconds)
-    rows = {name: bench_report(name, sorted(times[name])[len(times[name]) // 2], b, flops[name], device, memory[name])
-            for name in names}
-    p, m = rows["pcae"], rows["mae-style"]
-    print(f"pcae / mae-style: time ratio {p['ms_per_step'] / m['ms_per_step']:.3f}, "
-          f"FLOP ratio {p['gflop_per_image'] / m['gflop_per_image']:.3f}", flush=True)
+    optimizer = build_adamw(model, args.weight_decay, 1e-4)
+    imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    cases = {"pcae": (model, [imgs], optimizer, lambda: model.update_teacher(args.ema))}
+    if args.bench_baseline:
+        width, pix = model.student.embed_dim, model.patch_size ** 2 * 3
+        proj = None if pix == width else torch.randn(pix, width, device=device) / math.sqrt(pix)
+        cases["mae-style"] = (model.forward_mae_style, [imgs, proj], optimizer, None)
+    rows = benchmark(cases, device, args.bench_steps, args.compile, args.profile, args.seed)
+    if args.bench_baseline:
+        p, m = rows["pcae"], rows["mae-style"]
+        print(f"pcae / mae-style: time ratio {p['ms_per_step'] / m['ms_per_step']:.3f}, "
+              f"FLOP ratio {p['gflop_per_image'] / m['gflop_per_image']:.3f}", flush=True)
     return rows
 
 

@@ -16,11 +16,13 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, StepRandom, TrainRun, UserError,
-                    add_common_args, autocast, build_dataset, build_vit, check_common_args, count_flops,
+from torch.profiler import record_function
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, TrainRun, UserError, add_bench_args,
+                    add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
                     gather_tokens, get_2d_sincos_pos_embed, image_transform, init_weights_mae, load_checkpoint,
-                    load_vit, make_loader, param_groups, patchify, pretrain_transform, random_masking, run_main,
-                    save_checkpoint, set_lr, time_steps, bench_report, Block, VIT_PRESETS)
+                    load_vit, make_loader, patchify, pretrain_transform, random_masking, run_main, save_checkpoint,
+                    set_lr, Block, VIT_PRESETS)
 
 
 # =================================================================== stage A: semantic part learning (paper Sec. 3.1)
@@ -191,27 +193,34 @@ class SemMAE(nn.Module):
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             m.apply(init_weights_mae)
         nn.init.normal_(self.mask_token, std=0.02)
+        # alpha of the current epoch, set with alpha.fill_(): a buffer, so that it needs no recompile and no sync
+        self.register_buffer("alpha", torch.tensor(0.0), persistent=False)
 
-    def forward(self, imgs, rng, part_ids=None, alpha=0.0):
-        """imgs [B, 3, H, W], part_ids [B, L] per-patch part ids (or None), alpha float or 0-d tensor."""
+    def forward(self, imgs, rng, part_ids=None):
+        """imgs [B, 3, H, W], part_ids [B, L] per-patch part ids (None: random masking, plain MAE)."""
         b, n = imgs.shape[0], self.encoder.num_patches
-        if part_ids is None:  # plain MAE
-            vis, msk = random_masking(rng.rand(n), int(n * (1 - self.mask_ratio)))  # [B, V], [B, L-V]
-        else:
-            vis, msk = semantic_guided_masking(part_ids, self.mask_ratio, alpha, rng=rng, num_parts=self.num_parts)
-        patches = patchify(imgs, self.patch)  # [B, L, p*p*3]
-        enc = self.encoder
-        x = enc.prepend_cls(enc.add_pos(enc.embed_pixels(gather_tokens(patches, vis)), vis))  # only V patches embedded
-        x = enc.norm(enc.forward_blocks(x, rng))  # [B, 1+V, D]
-        y = self.decoder_embed(x)  # [B, 1+V, Dd]
-        tokens = torch.cat([y[:, 1:], self.mask_token.to(y.dtype).expand(b, msk.shape[1], -1)], dim=1)  # [B, L, Dd]
-        # attention is permutation-equivariant: adding each token's own position replaces MAE's unshuffle
-        pos = gather_tokens(self.decoder_pos_embed.expand(b, -1, -1), torch.cat([vis, msk], dim=1)).to(y.dtype)
-        y = torch.cat([y[:, :1], tokens + pos], dim=1)  # cls (zero position) + L tokens
-        for blk in self.decoder_blocks:
-            y = blk(y, rng)
-        pred = self.decoder_pred(self.decoder_norm(y[:, 1 + vis.shape[1]:]))  # masked tokens only [B, L-V, p*p*3]
-        return self.loss(gather_tokens(patches, msk), pred), {}
+        with record_function("masking"):  # labels for `--bench --profile`
+            if part_ids is None:
+                vis, msk = random_masking(rng.rand(n), int(n * (1 - self.mask_ratio)))  # [B, V], [B, L-V]
+            else:
+                vis, msk = semantic_guided_masking(part_ids, self.mask_ratio, self.alpha, rng=rng,
+                                                   num_parts=self.num_parts)
+            patches = patchify(imgs, self.patch)  # [B, L, p*p*3]
+        with record_function("encoder"):
+            enc = self.encoder
+            x = enc.prepend_cls(enc.add_pos(enc.embed_pixels(gather_tokens(patches, vis)), vis))  # only V embedded
+            x = enc.norm(enc.forward_blocks(x, rng))  # [B, 1+V, D]
+        with record_function("decoder"):
+            y = self.decoder_embed(x)  # [B, 1+V, Dd]
+            tokens = torch.cat([y[:, 1:], self.mask_token.to(y.dtype).expand(b, msk.shape[1], -1)], 1)  # [B, L, Dd]
+            # attention is permutation-equivariant: adding each token's own position replaces MAE's unshuffle
+            pos = gather_tokens(self.decoder_pos_embed.expand(b, -1, -1), torch.cat([vis, msk], dim=1)).to(y.dtype)
+            y = torch.cat([y[:, :1], tokens + pos], dim=1)  # cls (zero position) + L tokens
+            for blk in self.decoder_blocks:
+                y = blk(y, rng)
+            pred = self.decoder_pred(self.decoder_norm(y[:, 1 + vis.shape[1]:]))  # masked only [B, L-V, p*p*3]
+        with record_function("loss"):
+            return self.loss(gather_tokens(patches, msk), pred), {}
 
     def loss(self, target, pred):
         """MSE on the masked patches; norm_pix_loss: target <- (target - mean) / sqrt(var + 1e-6) per patch. Every image
@@ -386,7 +395,7 @@ def main_parts(args):
     model = PartLearner(teacher, args.num_parts, args.dec_channels, args.div_weight)
     run = TrainRun(args, "semmae-parts", SeededDataset(base, image_transform(part_transform(args.input_size, True))))
     model.to(run.device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), betas=(0.9, 0.95))
+    optimizer = build_adamw(model, args.weight_decay)
     ddp_model = run.prepare(model, optimizer, teacher)
     if args.vis:
         return preview_parts(model, base, args.vis, run.device) if run.dist.is_main else None
@@ -426,27 +435,13 @@ def vis_masks(args, base, parts, path, count=4):
 def bench(args, model, device, num_parts):
     """--bench: the real training step (masking, forward, backward, AdamW) on random tensors already on the device."""
     b, s, n = args.batch_size, args.input_size, model.encoder.num_patches
-    model.to(device).train()
-    imgs, ids = torch.randn(b, 3, s, s, device=device), torch.randint(num_parts, (b, n), device=device)
-    alpha = torch.tensor(0.5, device=device)
-    ids = None if args.masking == "random" else ids
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    fwd, step = (torch.compile(model) if args.compile else model), [0]
-
-    def fwd_bwd(m):
-        with autocast(device):
-            loss, _ = m(imgs, StepRandom.for_micro_step(args.seed, step[0], 0, b, 1, 0, 1, device), ids, alpha)
-        loss.backward()
-
-    def train_step():
-        fwd_bwd(fwd)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step[0] += 1
-    flops = count_flops(lambda: fwd_bwd(model)) / b
-    optimizer.zero_grad(set_to_none=True)
-    seconds, memory = time_steps(train_step, device, args.bench_steps)
-    return bench_report(f"semmae-{args.masking} {args.model}/{model.patch} {s}px", seconds, b, flops, device, memory)
+    model.to(device).train().alpha.fill_(0.5)
+    inputs = [torch.randn(b, 3, s, s, device=device)]
+    if args.masking == "semantic":
+        inputs.append(torch.randint(num_parts, (b, n), device=device))  # random part maps
+    name = f"semmae-{args.masking}"
+    case = (model, inputs, build_adamw(model, args.weight_decay, 1e-4), None)
+    return benchmark({name: case}, device, args.bench_steps, args.compile, args.profile, args.seed)[name]
 
 
 def main_pretrain(args):
@@ -480,16 +475,20 @@ def main_pretrain(args):
         dataset = SeededDataset(base, image_transform(pretrain_transform(args.input_size)))
     run = TrainRun(args, "semmae", dataset)
     model.to(run.device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), betas=(0.9, 0.95))
+    optimizer = build_adamw(model, args.weight_decay)
     ddp_model = run.prepare(model, optimizer, encoder)
+    fake = [torch.zeros(2, 3, args.input_size, args.input_size, device=run.device),
+            torch.zeros(2, encoder.num_patches, dtype=torch.long, device=run.device)]
+    run.measure_flops(model, *fake[:2 if semantic else 1])  # for MFU in the log
     for epoch in run.epochs():
         model.train()
-        alpha = torch.tensor(alpha_for_epoch(args, epoch), device=run.device)  # a tensor: no recompile per epoch
+        alpha = alpha_for_epoch(args, epoch)
+        model.alpha.fill_(alpha)
         for _ in run.steps():
             set_lr(optimizer, run.lr())
-            for micro, batch, rng in run.micro_batches():
+            for micro, batch, rng in run.micro_batches():  # batch: images (and part ids)
                 with run.no_sync(ddp_model, micro), autocast(run.device):
-                    loss, metrics = ddp_model(batch[0], rng, batch[1] if semantic else None, alpha)
+                    loss, metrics = ddp_model(batch[0], rng, *batch[1:2] if semantic else [])
                 run.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -524,8 +523,7 @@ def build_parser():
     pb.add_argument("--decoder-heads", type=int, default=16)
     pb.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false")
     pb.add_argument("--vis", default=None, help="write a PNG of parts and masks at alpha 0, 0.5, 1 and exit")
-    pb.add_argument("--bench", action="store_true", help="time the training step on random tensors and exit")
-    pb.add_argument("--bench-steps", type=int, default=10)
+    add_bench_args(pb)
     # paper / MAE recipe: ViT-B/16, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05 (batch 4096 = 64 x 8 GPUs x --accum 8)
     pb.set_defaults(output_dir="output/semmae", model="base", epochs=800, warmup_epochs=40, blr=1.5e-4,
                     weight_decay=0.05)

@@ -5,7 +5,7 @@ import json, math
 import pytest
 import torch
 
-from common import StepRandom, UserError, load_vit, patchify
+from common import StepRandom, UserError, build_adamw, load_vit, patchify
 import latent_mim as lm
 
 MICRO = ["--data", "synthetic", "--model", "micro", "--input-size", "32", "--gap", "2", "--mask-ratio", "0.75",
@@ -193,7 +193,7 @@ def test_training_steps_lower_the_default_loss():
     torch.manual_seed(0)
     model, data = lm.LatentMIM(args), lm.train_dataset(args)
     imgs = torch.stack([data[i, i][0] for i in range(8)])  # [8, 3, 40, 40]
-    opt = torch.optim.AdamW(lm.param_groups(model, 0.05), lr=2e-3, betas=(0.9, 0.95))
+    opt = build_adamw(model, 0.05, 2e-3)
     losses = []
     for _ in range(12):
         loss, _ = model(imgs, step_rng(8))
@@ -242,7 +242,7 @@ def test_full_default_vit_b16_step_on_cpu():
     assert (model.num_visible, model.num_patches, model.loss_kind, model.sim_weight) == (20, 196, "patchdisc", 0.1)
     assert model.proj[3].weight.shape == (4096, 4096) and len(model.decoder.blocks) == 3
     assert model.decoder.kind == "cross-cues" and model.decoder.embed.out_features == 512
-    opt = torch.optim.AdamW(lm.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    opt = build_adamw(model, 0.05, 1e-4)
     loss, metrics = model(torch.randn(2, 3, 280, 280), step_rng(2))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import semmae
 from common import (StepRandom, UserError, build_dataset, build_vit, encoder_export, load_checkpoint, mix_seed,
-                    param_groups, save_checkpoint)
+                    build_adamw, save_checkpoint)
 
 TINY = ["--model", "micro", "--input-size", "32", "--num-workers", "0", "--batch-size", "8", "--synthetic-size", "16",
         "--warmup-epochs", "0", "--seed", "0"]
@@ -176,7 +176,7 @@ def test_stage_a_lowers_loss():
     model = semmae.PartLearner(build_vit("micro", img_size=32), num_parts=4, channels=32)
     base = build_dataset("synthetic", "train", size=32, length=8)
     imgs = torch.stack([semmae.part_transform(32, False)(base.load(i)[0]) for i in range(8)])
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=3e-3, betas=(0.9, 0.95))
+    opt = build_adamw(model, 0.05, 3e-3)
     losses = []
     for _ in range(12):
         loss, metrics = model(imgs)
@@ -228,10 +228,11 @@ def test_stage_b_steps_lower_loss():
     base = build_dataset("synthetic", "train", size=32, length=8)
     imgs = torch.stack([semmae.part_transform(32, False)(base.load(i)[0]) for i in range(8)])
     part_ids = torch.randint(0, 4, (8, 16), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=2e-3, betas=(0.9, 0.95))
+    opt = build_adamw(model, 0.05, 2e-3)
+    model.alpha.fill_(0.5)
     losses = []
     for step in range(15):
-        loss, _ = model(imgs, StepRandom(0, step, torch.device("cpu"), slice(0, 8), 8), part_ids, 0.5)
+        loss, _ = model(imgs, StepRandom(0, step, torch.device("cpu"), slice(0, 8), 8), part_ids)
         loss.backward()
         opt.step()
         opt.zero_grad()
