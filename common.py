@@ -23,16 +23,17 @@ class UserError(Exception):
 
 
 def run_main(main, parser):
-    """Parse flags and run `main(args)`; user errors become a one-line message and exit code 2."""
+    """Parse flags and run `main(args)`. User errors become a one-line message and exit code 2, a non-finite loss
+    exit code 3 (no traceback: the message says what to fix)."""
     args = parser.parse_args()
     try:
         main(args)
-    except UserError as e:
+    except (UserError, FloatingPointError) as e:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(2 if isinstance(e, UserError) else 3)
 
 
 # -------------------------------------------------------------------------------------------- position embeddings
@@ -927,7 +928,7 @@ def add_common_args(parser):
     a("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
     a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     a("--weight-decay", type=float, default=0.05)
-    a("--num-workers", type=int, default=8, help="data loading processes per training process")
+    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     a("--seed", type=int, default=0)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--compile", action="store_true", help="torch.compile the model (checkpoint keys stay clean)")
