@@ -78,11 +78,12 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def drop_path(x, p, training, rng=None):
-    """Stochastic depth: zero a residual branch per sample with probability p, scale the rest by 1/(1-p)."""
+def drop_path(x, p, training, u=None):
+    """Stochastic depth: zero a residual branch per sample with probability p, scale the rest by 1/(1-p).
+    u [B]: the samples' uniform numbers (from a StepRandom, see `run_blocks`); torch.rand when None."""
     if p == 0.0 or not training:
         return x
-    u = rng.per_sample(x.shape[0]) if rng is not None else torch.rand(x.shape[0], device=x.device)  # [B]
+    u = torch.rand(x.shape[0], device=x.device) if u is None else u  # [B]
     keep = (u >= p).to(x.dtype) / (1.0 - p)
     return x * keep.view(-1, *([1] * (x.ndim - 1)))
 
@@ -95,9 +96,22 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=norm_eps), Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x, rng=None):  # rng: StepRandom, so that drop path is reproducible across processes
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training, rng)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, rng)
+    def forward(self, x, drop_u=None):  # drop_u [B, 2]: stochastic-depth uniforms of the two branches
+        u_attn, u_mlp = (None, None) if drop_u is None else drop_u.unbind(1)
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training, u_attn)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, u_mlp)
+
+
+def run_blocks(blocks, x, rng=None):
+    """x through a stack of Blocks. Their stochastic depth is drawn from `rng` (a StepRandom, so it is the same
+    however the batch is split) in ONE draw before the loop: the blocks themselves then contain no generator call,
+    which would break the graph of torch.compile in every block."""
+    noise = None
+    if rng is not None and any(b.drop_path > 0 and b.training for b in blocks):
+        noise = rng.rand(len(blocks), 2)  # [B, depth, 2]
+    for i, blk in enumerate(blocks):
+        x = blk(x, None if noise is None else noise[:, i])
+    return x
 
 
 VIT_PRESETS = {  # name -> (embed_dim, depth, num_heads, patch_size)
@@ -174,9 +188,7 @@ class ViT(nn.Module):
         return self.prepend_cls(self.add_pos(x, ids))
 
     def forward_blocks(self, x, rng=None):
-        for blk in self.blocks:
-            x = blk(x, rng)
-        return x
+        return run_blocks(self.blocks, x, rng)
 
     def forward(self, imgs, ids=None):
         """[B, 3, H, W] -> [B, 1+N, D] normalised tokens (cls first) of patches ids (or all)."""
@@ -310,6 +322,7 @@ class StepRandom:
         start = (micro * world + rank) * batch  # matches ResumableSampler's order
         return cls(seed, step, device, slice(start, start + batch), batch * world * accum)
 
+    @torch.compiler.disable  # a generator cannot be traced: run the draw eagerly, keep the graph around it
     def _take(self, draw, shape):
         if self.rows is None:  # local use (eval, visualisation): shape includes the batch
             return draw(shape)
@@ -321,10 +334,6 @@ class StepRandom:
 
     def randint(self, high, *shape):
         return self._take(lambda s: torch.randint(high, s, generator=self.gen, device=self.device), shape)
-
-    def per_sample(self, batch):
-        """One uniform number per sample, [batch], in either mode."""
-        return self.rand() if self.rows is not None else self.rand(batch)
 
 
 # ------------------------------------------------------------------------------------------------------------ data

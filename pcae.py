@@ -27,7 +27,7 @@ from common import (VIT_PRESETS, Block, Dist, SeededDataset, StepRandom, TrainRu
                     add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
                     ema_momentum, ema_update, eval_transform, gather_tokens, get_2d_sincos_pos_embed, image_transform,
                     init_weights_mae, load_checkpoint, load_state, patchify, pretrain_transform, random_masking,
-                    run_main, set_lr, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
+                    run_blocks, run_main, set_lr, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------ the seed's equations
@@ -161,8 +161,7 @@ class PCAE(nn.Module):
         pos = self.decoder_pos_embed.to(x.dtype)  # [1, 1+L, Dd], row 0 (cls) is zero
         pos_ids = torch.cat([vis_ids, query_ids], dim=1)  # [B, V+Q] absolute patch ids
         x = x + torch.cat([pos[:, :1].expand(b, -1, -1), gather_tokens(pos[:, 1:].expand(b, -1, -1), pos_ids)], 1)
-        for blk in self.decoder_blocks:
-            x = blk(x, rng)
+        x = run_blocks(self.decoder_blocks, x, rng)
         return self.decoder_pred(self.decoder_norm(x[:, -q:]))  # LayerNorm is per token: slice first
 
     def forward(self, imgs, rng):

@@ -21,8 +21,8 @@ from torch.profiler import record_function
 from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, TrainRun, UserError, add_bench_args,
                     add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
                     gather_tokens, get_2d_sincos_pos_embed, image_transform, init_weights_mae, load_checkpoint,
-                    load_vit, make_loader, patchify, pretrain_transform, random_masking, run_main, save_checkpoint,
-                    set_lr, Block, VIT_PRESETS)
+                    load_vit, make_loader, patchify, pretrain_transform, random_masking, run_blocks, run_main,
+                    save_checkpoint, set_lr, Block, VIT_PRESETS)
 
 
 # =================================================================== stage A: semantic part learning (paper Sec. 3.1)
@@ -216,8 +216,7 @@ class SemMAE(nn.Module):
             # attention is permutation-equivariant: adding each token's own position replaces MAE's unshuffle
             pos = gather_tokens(self.decoder_pos_embed.expand(b, -1, -1), torch.cat([vis, msk], dim=1)).to(y.dtype)
             y = torch.cat([y[:, :1], tokens + pos], dim=1)  # cls (zero position) + L tokens
-            for blk in self.decoder_blocks:
-                y = blk(y, rng)
+            y = run_blocks(self.decoder_blocks, y, rng)
             pred = self.decoder_pred(self.decoder_norm(y[:, 1 + vis.shape[1]:]))  # masked only [B, L-V, p*p*3]
         with record_function("loss"):
             return self.loss(gather_tokens(patches, msk), pred), {}
@@ -532,7 +531,7 @@ def build_parser():
 
 def main(args):
     check_common_args(args)
-    (main_parts if args.command == "parts" else main_pretrain)(args)
+    return (main_parts if args.command == "parts" else main_pretrain)(args)
 
 
 if __name__ == "__main__":

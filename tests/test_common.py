@@ -125,20 +125,25 @@ def test_mae_init():
     assert not any(n == "pos_embed" for n, _ in vit.named_parameters())  # fixed, not trained
 
 
-def test_drop_path_uses_step_random_rows():
-    blockwise = common.Block(16, 2, drop_path=0.5).train()
+def test_stochastic_depth_from_step_random():
+    blocks = torch.nn.ModuleList(common.Block(16, 2, drop_path=0.5) for _ in range(3)).train()
     x = torch.randn(4, 3, 16)
-    rows_2_3 = blockwise(x[2:], StepRandom(0, 5, torch.device("cpu"), slice(2, 4), 4))
-    full = blockwise(x, StepRandom(0, 5, torch.device("cpu"), slice(0, 4), 4))
-    assert torch.allclose(rows_2_3, full[2:])  # the same rows of the same global draw
-    local = blockwise(x, StepRandom(0, 5, torch.device("cpu")))  # local mode: one draw per row of x
-    assert torch.allclose(local, full)  # the same generator stream, so the same per-sample decisions
-    # each sample's branch is either dropped (0) or kept and scaled by 1 / (1 - p)
-    branch = torch.ones(8, 3)
-    out = common.drop_path(branch, 0.25, True, StepRandom(1, 2, torch.device("cpu")))
-    u = StepRandom(1, 2, torch.device("cpu")).rand(8)
-    assert torch.equal(out, branch * (u >= 0.25).float()[:, None] / 0.75)
-    assert torch.equal(common.drop_path(branch, 0.25, False), branch)  # identity in eval mode
+    cpu = torch.device("cpu")
+    full = common.run_blocks(blocks, x, StepRandom(0, 5, cpu, slice(0, 4), 4))
+    rows_2_3 = common.run_blocks(blocks, x[2:], StepRandom(0, 5, cpu, slice(2, 4), 4))
+    assert torch.allclose(rows_2_3, full[2:], atol=1e-6)  # the same rows of the same global draw
+    # by hand: one [B, depth, 2] draw, block i uses column i for its attention and MLP branches
+    u = StepRandom(0, 5, cpu, slice(0, 4), 4).rand(3, 2)
+    expected = x
+    for i, blk in enumerate(blocks):
+        keep = (u[:, i] >= 0.5).float() / 0.5  # [B, 2]
+        expected = expected + blk.attn(blk.norm1(expected)) * keep[:, 0, None, None]
+        expected = expected + blk.mlp(blk.norm2(expected)) * keep[:, 1, None, None]
+    assert torch.allclose(full, expected, atol=1e-6)
+    assert torch.equal(common.drop_path(torch.ones(8, 3), 0.25, False), torch.ones(8, 3))  # identity in eval mode
+    blocks.eval()
+    assert torch.allclose(common.run_blocks(blocks, x, StepRandom(0, 5, cpu, slice(0, 4), 4)),
+                          common.run_blocks(blocks, x), atol=1e-6)  # eval: no draw, no drop
 
 
 # ---------------------------------------------------------------------------------------------- patches and masks

@@ -23,14 +23,6 @@ SIZE, N_TRAIN = 32, 48  # micro ViT at 32 px: 4 x 4 patches; --data synthetic wi
 CPU = common.Dist("cpu")  # one process
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny head and micro ViT run faster on one thread when other test processes load the machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def probe(ckpt, *flags, output=None):
     args = ["--ckpt", str(ckpt), "--data", "synthetic", "--synthetic-size", str(N_TRAIN), "--num-workers", "0",

@@ -13,14 +13,6 @@ MICRO = ["--data", "synthetic", "--model", "micro", "--input-size", "32", "--gap
          "--num-workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are small, and on a shared 2-core machine two threads contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def micro_args(*extra):
     args = lm.build_parser().parse_args(MICRO + list(extra))

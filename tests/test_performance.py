@@ -1,0 +1,160 @@
+"""Performance plumbing: --bench rows and FLOP counts, MFU arithmetic, the device peak table, no host sync in the hot
+loop, --compile with clean checkpoint keys, the loader benchmark."""
+import contextlib
+import functools
+import importlib
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from test_reliability import SCRIPTS, argv, parts_file  # noqa: F401  (parts_file is a fixture)
+
+BENCH = {  # script -> bench flags on the micro preset
+    "latent_mim": ["--gap", "2", "--proj-dim", "64", "--decoder-dim", "32", "--decoder-heads", "2"],
+    "pcae": ["--decoder-dim", "32", "--decoder-heads", "2", "--bench-baseline"],
+    "semmae": ["--decoder-dim", "32", "--decoder-heads", "2"],
+}
+
+
+def bench_args(name, *extra):
+    sub = ["pretrain"] if name == "semmae" else []
+    return [*sub, "--data", "synthetic", "--model", "micro", "--input-size", "32", "--batch-size", "4", "--bench",
+            "--bench-steps", "2", "--profile", *BENCH[name], *extra]
+
+
+@pytest.mark.parametrize("name", list(BENCH))
+def test_bench_reports_time_flops_and_profile(name, capsys):
+    module = importlib.import_module(name)
+    rows = module.main(module.build_parser().parse_args(bench_args(name)))
+    rows = rows if isinstance(rows, dict) and "pcae" in rows else {name: rows}
+    for row in rows.values():
+        assert row["batch"] == 4 and row["ms_per_step"] > 0
+        assert row["images_per_s"] == pytest.approx(4 / (row["ms_per_step"] / 1e3))
+        assert row["mfu"] is None and row["peak_mem_gib"] is None  # CPU: no peak to compare with
+        profile = row["profile_ms"]
+        assert {"encoder", "decoder", "backward", "optimizer", "masking", "loss"} <= set(profile)
+        assert all(v >= 0 for v in profile.values())
+    if name in ("latent_mim", "pcae"):
+        assert {"teacher", "ema"} <= set(rows[name]["profile_ms"])
+    out = capsys.readouterr().out
+    assert "gflop_per_image=" in out and "profile (ms/step):" in out
+
+
+def test_training_flops_are_about_three_forwards():
+    """The bench counts forward + backward with FlopCounterMode; the rule 'training = 3 x forward' checks it."""
+    import semmae
+    torch.manual_seed(0)
+    model = semmae.SemMAE(common.build_vit("small", img_size=64), num_parts=1, dec_dim=128, dec_depth=2, dec_heads=4)
+    imgs = torch.randn(2, 3, 64, 64)
+    rng = common.StepRandom(0, 0, torch.device("cpu"), slice(0, 2), 2)
+    forward = common.count_flops(lambda: model(imgs, rng))
+    train = common.count_flops(lambda: model(imgs, rng)[0].backward())
+    # backward = 2 x forward, except that no gradient flows into the images (the patch embedding's input)
+    assert 2.9 * forward < train < 3.0 * forward
+
+
+def test_mfu_and_rates_arithmetic(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "device_peak_flops", lambda device: 1e12)
+    dist = common.Dist("cpu")
+    dist.world = 2  # two processes of which this is one
+    logger = common.StepLogger(dist, tmp_path)
+    logger.flops_per_image = 1e9
+    rates = logger.rates(images=100, data_time=0.25, seconds=1.0)
+    assert rates["images_per_s"] == 200  # 100 per process x 2 processes
+    assert rates["data_share"] == 0.25
+    assert rates["mfu"] == pytest.approx(1e9 * 100 / 1e12)  # per device: its FLOP/s over its peak
+    row = common.bench_report("x", seconds=0.5, batch=10, flops_per_image=2e9, device=torch.device("cpu"))
+    assert row["images_per_s"] == 20 and row["ms_per_step"] == 500 and row["gflop_per_image"] == 2
+
+
+def test_device_peak_table(monkeypatch):
+    assert common.device_peak_flops(torch.device("cpu")) is None
+    cuda = torch.device("cuda", 0)
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert common.device_peak_flops(cuda) == peak  # dense bf16, not the sparse figure
+
+
+# ---------------------------------------------------------------------------------------- no host sync per step
+SYNCING = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"), (torch.Tensor, "numpy"),
+           (torch.Tensor, "__bool__"), (torch.Tensor, "__float__"), (torch.Tensor, "__int__"),
+           (torch.Tensor, "nonzero"), (torch, "nonzero"), (torch, "unique"), (torch, "masked_select"),
+           (torch.nn.functional, "one_hot")]
+DATA_PIPELINE = {"load", "__getitem__", "__iter__"}  # CPU work of the loader (in worker processes on a real run)
+ALLOWED = {  # project functions that may read a tensor on the host during training, and why that is no device sync
+    "steps",  # once per epoch: the DataLoader draws its base seed on the CPU
+    "note_bad",  # the loader's CPU tensor of unreadable-file flags
+    "_raise_if_bad",  # the pinned host copy of the previous step's finiteness flag
+    "means",  # the log interval / epoch end
+    "save",  # checkpoint time
+}
+
+
+@contextlib.contextmanager
+def record_host_reads(root, monkeypatch):
+    """While TrainRun.epochs() runs (the training loop, not set-up or what follows), record the innermost project
+    function of every call of a syncing tensor method or op."""
+    calls, training = [], [False]
+    epochs = common.TrainRun.epochs
+
+    def recording_epochs(self):
+        training[0] = True
+        yield from epochs(self)
+        training[0] = False
+    monkeypatch.setattr(common.TrainRun, "epochs", recording_epochs)
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def recorder(*args, **kwargs):
+            if training[0]:
+                names = [f.name for f in traceback.extract_stack()[:-1] if Path(f.filename).parent == root]
+                if names and not DATA_PIPELINE & set(names):
+                    calls.append(names[-1])
+            return fn(*args, **kwargs)
+        return recorder
+    for owner, name in SYNCING:
+        monkeypatch.setattr(owner, name, wrap(getattr(owner, name)))
+    yield calls
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_no_host_sync_in_the_hot_loop(name, tmp_path, parts_file, root, monkeypatch):  # noqa: F811
+    module = importlib.import_module(SCRIPTS[name][0])
+    args = module.build_parser().parse_args(argv(name, tmp_path, parts_file, "--log-every", "1000"))
+    with record_host_reads(root, monkeypatch) as calls:
+        module.main(args)  # 2 epochs of 12 steps
+    assert calls, "the recorder saw nothing: it would not catch a sync either"
+    offenders = sorted(set(calls) - ALLOWED)
+    assert not offenders, f"host reads in {offenders} (model forward or training loop)"
+
+
+# ------------------------------------------------------------------------------------------------------ compile
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_compile_runs_and_keeps_checkpoint_keys_clean(name, tmp_path, parts_file, monkeypatch):  # noqa: F811
+    # dynamo traces the real model; the eager backend skips inductor's C++ build (minutes on CPU; see the README)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    module = importlib.import_module(SCRIPTS[name][0])
+    module.main(module.build_parser().parse_args(argv(name, tmp_path, parts_file, "--compile", "--max-steps", "2")))
+    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ckpt["step"] == 2
+    assert not [k for k in [*ckpt["model"], *ckpt["encoder"]] if "_orig_mod" in k or k.startswith("module.")]
+    assert common.load_vit(tmp_path / "checkpoint.pth").config["embed_dim"] == 64
+
+
+# ------------------------------------------------------------------------------------------------ loader bench
+def test_loader_benchmark_on_generated_jpegs(tmp_path, capsys):
+    common.make_jpeg_folder(tmp_path, 12)
+    files = sorted(tmp_path.glob("*/*.jpg"))
+    assert len(files) == 12 and all(f.stat().st_size > 20_000 for f in files)  # real-sized JPEGs, not thumbnails
+    from PIL import Image
+    with Image.open(files[0]) as img:
+        assert 400 <= img.size[0] < 600 and 300 <= img.size[1] < 450
+    common.bench_loader(tmp_path, workers=(0,), batch=4, size=64, batches=2)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("workers=0 images_per_s=") and float(line.split("=")[2].split()[0]) > 0
