@@ -1,13 +1,8 @@
-"""Tests of eval_probe.py: k-NN votes, LARS, the probe loop, feature pools, and end-to-end evaluation of checkpoints.
-
-To test the checkpoints of another script, add a maker to CHECKPOINT_MAKERS: a function tmp_path -> (checkpoint path,
-extra eval_probe flags, reference encoder). For this project's format the reference is `project_reference(path)`:
-    def make_semmae(tmp_path):
-        import semmae
-        semmae.main(semmae.build_parser().parse_args([...micro, 32 px, --max-steps 2, --output-dir tmp_path / "run"]))
-        path = tmp_path / "run" / "checkpoint.pth"
-        return path, [], project_reference(path)
-"""
+"""Tests of eval_probe.py: k-NN votes, LARS, the probe loop, feature pools, and end-to-end evaluation of checkpoints
+(this project's format written by each training script after a couple of steps, and public timm / MAE layouts).
+To test another kind of checkpoint, add a maker to CHECKPOINT_MAKERS: tmp_path -> (checkpoint path, extra eval_probe
+flags, reference encoder)."""
+import importlib
 import json
 import math
 import sys
@@ -158,7 +153,21 @@ def make_timm_wrapped(tmp_path):
     return path, ["--num-heads", "4"], vit
 
 
-CHECKPOINT_MAKERS = {"project": make_project, "timm": make_timm, "timm-ddp-wrapped": make_timm_wrapped}
+def make_script_checkpoint(name):
+    """A checkpoint written by a training script (micro ViT, 32 px) after two optimizer steps."""
+    def make(tmp_path):
+        from test_reliability import SCRIPTS, argv, write_parts_file
+        parts = write_parts_file(tmp_path / "parts.pt")
+        module = importlib.import_module(SCRIPTS[name][0])
+        module.main(module.build_parser().parse_args(argv(name, tmp_path / "run", parts, "--max-steps", "2")))
+        path = tmp_path / "run" / "checkpoint.pth"
+        assert common.load_checkpoint(path)["step"] == 2
+        return path, [], project_reference(path)
+    return make
+
+
+CHECKPOINT_MAKERS = {"project": make_project, "timm": make_timm, "timm-ddp-wrapped": make_timm_wrapped,
+                     **{name: make_script_checkpoint(name) for name in ("latent_mim", "pcae", "semmae", "semmae-parts")}}
 
 
 def reference_images(split):

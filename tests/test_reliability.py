@@ -25,14 +25,17 @@ SCRIPTS = {  # name -> (module, sub-command, flags)
 }
 
 
-@pytest.fixture
-def parts_file(tmp_path):
+def write_parts_file(path):
     """A SemMAE parts file for the 48 synthetic training images (4 x 4 patch grid, 3 parts)."""
-    path = tmp_path / "parts.pt"
     ids = torch.randint(3, (48, 4, 4), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     common.save_checkpoint(path, {"method": "semmae-parts", "part_ids": ids, "grid": [4, 4], "num_parts": 3,
                                   "paths": [f"synthetic:0:{i}" for i in range(48)], "image_size": 32})
     return path
+
+
+@pytest.fixture
+def parts_file(tmp_path):
+    return write_parts_file(tmp_path / "parts.pt")
 
 
 def argv(name, out, parts, *extra, data="synthetic"):
