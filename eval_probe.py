@@ -23,11 +23,10 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Subset
-from torchvision.transforms import v2
 from tqdm import tqdm
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, UserError, autocast, build_dataset,
-                    eval_transform, image_transform, load_vit, make_loader, mix_seed, run_main, set_lr, warmup_cosine)
+from common import (Dist, SeededDataset, UserError, autocast, build_dataset, eval_transform, image_transform, load_vit,
+                    make_loader, mix_seed, pretrain_transform, run_main, set_lr, warmup_cosine)
 
 
 # ------------------------------------------------------------------------------------------------------------ LARS
@@ -184,12 +183,7 @@ class SeededSampler(DistributedSampler):
 def image_batches(vit, dataset, args, dist):
     """Full protocol: every epoch, new RandomResizedCrop(scale 0.08-1, bicubic) + flip views through the frozen
     encoder. Returns (batches(epoch) -> iterator of (features [B, D], labels [B]), batches per epoch)."""
-    s = args.input_size
-    train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(s, scale=(0.08, 1.0), antialias=True,
-                                                              interpolation=v2.InterpolationMode.BICUBIC),
-                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    data = SeededDataset(dataset, image_transform(train_tf))
+    data = SeededDataset(dataset, image_transform(pretrain_transform(args.input_size, scale=(0.08, 1.0))))
     sampler = SeededSampler(data, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed)
     loader = make_loader(data, args.batch_size, args.num_workers, sampler, drop_last=True)
 

@@ -24,7 +24,7 @@ from common import (VIT_PRESETS, Attention, Block, Dist, Mlp, SeededDataset, Ste
                     add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
                     check_common_args, cosine_schedule, ema_momentum, ema_update, gather_tokens,
                     get_2d_sincos_pos_embed, image_transform, init_weights_mae, mix_seed, patchify, pretrain_transform,
-                    random_masking, run_main, set_lr, IMAGENET_MEAN, IMAGENET_STD)
+                    random_masking, run_blocks, run_main, set_lr, IMAGENET_MEAN, IMAGENET_STD)
 
 METHOD = "latent_mim"
 TARGETS = ("momentum", "shared-stopgrad", "independent", "joint")
@@ -188,10 +188,7 @@ class LatentDecoder(nn.Module):
         else:
             q = self.mask_token.to(x.dtype) + p_t
         if self.kind == "self":
-            x = torch.cat([kv, q], 1)  # [B, 1+V+T, d]
-            for blk in self.blocks:
-                x = blk(x)
-            out = x[:, -T:]
+            out = run_blocks(self.blocks, torch.cat([kv, q], 1))[:, -T:]  # over [B, 1+V+T, d]
         else:
             q = torch.cat([self.query_token.to(x.dtype).expand(B, -1, -1), q], 1)  # [B, 1+T, d]
             for blk in self.blocks:
@@ -238,8 +235,7 @@ class LatentMIM(nn.Module):
     @staticmethod
     def encode(vit, proj, pixels, ids, rng=None):
         """pixels [B, N, p*p*3] of the patches at grid positions ids [B, N] -> [B, 1+N, D] projected (cls first)."""
-        x = vit.prepend_cls(vit.add_pos(vit.embed_pixels(pixels), ids))  # [B, 1+N, D]
-        return proj(vit.norm(vit.forward_blocks(x, rng)))
+        return proj(vit.forward_pixels(pixels, ids, rng))
 
     def views(self, imgs, rng):
         """Jittered patches [B, L, p*p*3], visible ids [B, V] and target ids [B, T] (T = L - V), all from rng."""

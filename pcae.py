@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from common import (VIT_PRESETS, Block, Dist, SeededDataset, StepRandom, TrainRun, UserError, add_bench_args,
                     add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
                     ema_momentum, ema_update, eval_transform, gather_tokens, get_2d_sincos_pos_embed, image_transform,
-                    init_weights_mae, load_checkpoint, load_state, patchify, pretrain_transform, random_masking,
+                    init_weights_mae, load_state, load_training_checkpoint, patchify, pretrain_transform, random_masking,
                     run_blocks, run_main, set_lr, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -148,9 +148,7 @@ class PCAE(nn.Module):
 
     def encode(self, patches, vis_ids, rng):
         """f_theta(M.x): student on the visible patches, cls first -> [B, 1+V, D]."""
-        s = self.student
-        x = s.prepend_cls(s.add_pos(s.embed_pixels(gather_tokens(patches, vis_ids)), vis_ids))  # [B, 1+V, D]
-        return s.norm(s.forward_blocks(x, rng))
+        return self.student.forward_pixels(gather_tokens(patches, vis_ids), vis_ids, rng)
 
     def decode(self, latent, vis_ids, query_ids, rng):
         """g_phi{h[f_theta(M.x), omega + p]}: decoder on [cls, visible tokens, one mask token per query patch] with
@@ -321,10 +319,7 @@ def visualize(args):
     model = build_model(args).to(device).eval()
     path = Path(args.resume) if args.resume else Path(args.output_dir) / "checkpoint.pth"
     if args.resume or path.is_file():
-        ckpt = load_checkpoint(path)
-        if ckpt.get("method") != "pcae" or "model" not in ckpt:
-            raise UserError(f"{path} is not a pcae training checkpoint (method: {ckpt.get('method')})")
-        load_state(model, ckpt["model"], "the model", path)
+        load_state(model, load_training_checkpoint(path, "pcae")["model"], "the model", path)
         print(f"visualising the teacher of {path}")
     else:
         print("no checkpoint: visualising a randomly initialised teacher")

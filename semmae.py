@@ -207,9 +207,7 @@ class SemMAE(nn.Module):
                                                    num_parts=self.num_parts)
             patches = patchify(imgs, self.patch)  # [B, L, p*p*3]
         with record_function("encoder"):
-            enc = self.encoder
-            x = enc.prepend_cls(enc.add_pos(enc.embed_pixels(gather_tokens(patches, vis)), vis))  # only V embedded
-            x = enc.norm(enc.forward_blocks(x, rng))  # [B, 1+V, D]
+            x = self.encoder.forward_pixels(gather_tokens(patches, vis), vis, rng)  # [B, 1+V, D], only V embedded
         with record_function("decoder"):
             y = self.decoder_embed(x)  # [B, 1+V, Dd]
             tokens = torch.cat([y[:, 1:], self.mask_token.to(y.dtype).expand(b, msk.shape[1], -1)], 1)  # [B, L, Dd]

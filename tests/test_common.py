@@ -1,6 +1,5 @@
 """Tests of common.py: values checked against hand computations, not just shapes."""
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import common
-from common import (ResumableSampler, SeededDataset, StepRandom, SyntheticShapes, UserError, ViT, build_vit,
+from common import (ResumableSampler, SeededDataset, StepRandom, SyntheticShapes, UserError, build_vit,
                     get_2d_sincos_pos_embed, patchify, random_masking, unpatchify)
 
 
@@ -114,6 +113,9 @@ def test_pieces_compose_to_forward():
     for blk in vit.blocks:
         x = blk(x)
     assert torch.allclose(vit.norm(x), vit(imgs), atol=1e-6)
+    # a subset given as pixels == forward on the same subset
+    pixels = common.gather_tokens(patchify(imgs, 8), ids)
+    assert torch.allclose(vit.forward_pixels(pixels, ids), vit(imgs, ids), atol=1e-5)
 
 
 def test_mae_init():
