@@ -8,11 +8,20 @@ found under the usual top-level keys with wrapper prefixes (module., encoder., b
     python eval_probe.py --ckpt out/checkpoint.pth --data synthetic --mode knn
     torchrun --nproc_per_node 8 eval_probe.py --ckpt mae_pretrain_vit_base.pth --data /imagenet --accum 4
 
-Features (no gradient, bf16 autocast on CUDA, backbone in eval mode so drop path is off):
-    cls:          LN(x_L)[cls]                       MAE linprobe / DINO k-NN default
-    mean:         mean_i LN(x_L)[i] over patch tokens (each token after the encoder's own final norm, so no fresh
-                  fc_norm is left at random init, the trap of MAE's global-pool probe)
-    prenorm-mean: mean_i x_L[i] before the final norm: Latent MIM's NN feature (with --mode knn --loo)
+Features (no gradient, bf16 autocast on CUDA, backbone in eval mode so drop path is off). x_L[i] is token i after
+the last block (0 = cls, 1..L = patches), LN_g,b the encoder's final LayerNorm with its trained affine (g, b), and
+LN_1,0 a LayerNorm(eps 1e-6) without affine (g = 1, b = 0):
+    cls:          LN_g,b(x_L[0])                     MAE linprobe default (--cls_token) / DINO k-NN default
+    mean:         mean_i LN_g,b(x_L[i])              mean of the patch tokens, each after the encoder's own final norm
+    mae-mean:     LN_1,0(mean_i x_L[i])              MAE's --global_pool probe exactly (models_vit.py)
+    prenorm-mean: mean_i x_L[i]                      Latent MIM's NN feature (with --mode knn --loo)
+MAE's --global_pool deletes the encoder's final norm and feeds the pre-norm mean of the patch tokens to a new fc_norm,
+a LayerNorm(eps 1e-6) that the checkpoint does not contain and the probe freezes: it stays at its default init g = 1,
+b = 0 (not a random one), so it is LN_1,0. `mean` and `mae-mean` differ in the order of mean and LayerNorm: LayerNorm
+centres and scales each vector by its own statistics, so the mean of normed tokens is not the norm of the mean
+token. The affine does not matter for the linear probe: the head's BatchNorm1d(affine=False) removes any per-feature
+scale g != 0 and shift (up to a sign the linear layer absorbs, and up to its eps), so there `mean` equals the mean of
+LN_1,0-normed tokens. It does matter for k-NN (cosine similarity), where `mean` keeps the trained g, b.
 Results: top-1 / top-5 printed and appended as one JSON line to probe.jsonl next to the checkpoint (or --output).
 """
 import argparse, contextlib, json, math, sys, time
@@ -25,8 +34,10 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Subset
 from tqdm import tqdm
 
-from common import (Dist, SeededDataset, UserError, autocast, build_dataset, eval_transform, image_transform, load_vit,
-                    make_loader, mix_seed, pretrain_transform, run_main, set_lr, warmup_cosine)
+from torchvision.transforms import v2
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, UserError, autocast, build_dataset,
+                    eval_transform, image_transform, load_vit, make_loader, mix_seed, run_main, set_lr, warmup_cosine)
 
 
 # ------------------------------------------------------------------------------------------------------------ LARS
@@ -102,33 +113,58 @@ def knn_classify(train_features, train_labels, test_features, k=20, temperature=
     return knn_votes(train_features, train_labels, test_features, [k], temperature, num_classes)[k].argmax(1)
 
 
-def topk_correct(scores, labels, ks=(1, 5)):
-    """Number of rows whose label is among the k highest scores, for each k (k capped at the number of classes)."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, kmax]
-    hits = top.eq(labels[:, None])
-    return [int(hits[:, :k].any(1).sum()) for k in ks]
+def label_rank(scores, labels):
+    """Position of each row's label in the row's classes sorted by decreasing score, ties in increasing class order
+    (a stable sort), 0 = first:
+
+        rank(y) = #{c : s_c > s_y} + #{c < y : s_c = s_y}                                    -> [N] long
+
+    Deviation from DINO (which sorts with torch's unstable sort): classes with equal scores, e.g. the classes no
+    neighbour voted for, get a fixed order, so a result does not depend on the device or the sort kernel."""
+    s_y = scores.gather(1, labels[:, None])  # [N, 1]
+    cls = torch.arange(scores.shape[1], device=scores.device)
+    return (scores > s_y).sum(1) + ((scores == s_y) & (cls < labels[:, None])).sum(1)
 
 
-def accuracy(scores, labels):
-    """(top-1, top-5) in percent."""
+def topk_correct(scores, labels, ks=(1, 5), max_rank=None):
+    """For each k in ks, the number of rows whose label is among the first min(k, max_rank) sorted predictions:
+    #{n : rank_n < min(k, max_rank)} (see label_rank; k beyond the number of classes counts every row).
+
+    max_rank = k of a k-NN vote, as DINO's eval_knn.py (`correct.narrow(1, 0, min(5, k))`): at most k classes get a
+    vote, so its top-5 looks at the first min(5, k) predictions only, and top-5 = top-1 at k = 1. Without it the
+    classes that got no vote would fill the top-5 in arbitrary order. With k >= 5 but fewer than 5 voted classes,
+    zero-vote classes still fill the remaining places, as in DINO (here in class order, see label_rank)."""
+    rank = label_rank(scores, labels)
+    return [int((rank < min(k, max_rank or k)).sum()) for k in ks]
+
+
+def accuracy(scores, labels, max_rank=None):
+    """(top-1, top-5) in percent; max_rank = k for a k-NN vote (see topk_correct)."""
     n = max(len(labels), 1)
-    return tuple(100.0 * c / n for c in topk_correct(scores, labels))
+    return tuple(100.0 * c / n for c in topk_correct(scores, labels, max_rank=max_rank))
 
 
 # -------------------------------------------------------------------------------------------------------- features
-POOLS = ("cls", "mean", "prenorm-mean")
+POOLS = ("cls", "mean", "mae-mean", "prenorm-mean")
 
 
 @torch.no_grad()
 def extract(vit, imgs, pool):
-    """[B, 3, H, W] -> [B, D] fp32 features of the frozen encoder (see the module docstring for the pools)."""
+    """[B, 3, H, W] -> [B, D] fp32 features of the frozen encoder:
+
+        cls: LN_g,b(x_L[0]),   mean: mean_i LN_g,b(x_L[i]),   mae-mean: LN_1,0(mean_i x_L[i]),
+        prenorm-mean: mean_i x_L[i]
+
+    with i over the patch tokens (see the module docstring)."""
     with autocast(imgs.device):
         x = vit.forward_blocks(vit.embed(imgs))  # [B, 1+L, D] before the final norm
-        feats = x[:, 1:].mean(1) if pool == "prenorm-mean" else vit.norm(x)  # [B, D] or [B, 1+L, D]
-        if pool == "cls":
-            feats = feats[:, 0]
-        elif pool == "mean":
-            feats = feats[:, 1:].mean(1)
+        if pool in ("prenorm-mean", "mae-mean"):
+            feats = x[:, 1:].mean(1)  # [B, D]
+            if pool == "mae-mean":  # MAE's fresh fc_norm: LayerNorm(eps 1e-6) at its default init, i.e. no affine
+                feats = F.layer_norm(feats.float(), feats.shape[-1:], eps=1e-6)
+        else:
+            feats = vit.norm(x)  # [B, 1+L, D]
+            feats = feats[:, 0] if pool == "cls" else feats[:, 1:].mean(1)
     return feats.float()
 
 
@@ -173,6 +209,48 @@ def build_head(dim, num_classes):
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc)
 
 
+def tf_crop_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The box of MAE's TF-style RandomResizedCrop (util/crop.py, after BYOL's TF code): one draw, clamped to the
+    image, no retry loop and no centre-crop fallback. With u ~ U(scale) and log r ~ U(log ratio), drawn in this
+    order from torch's default generator (as MAE does), then the top-left corner:
+
+        w = min(round(sqrt(u H W r)), W),   h = min(round(sqrt(u H W / r)), H)
+        top ~ U{0, ..., H - h},   left ~ U{0, ..., W - w}                                     -> (top, left, h, w)
+
+    torchvision's RandomResizedCrop instead redraws (up to 10 times) until the box fits and then falls back to a
+    centre crop: a different distribution of boxes (a draw that does not fit is replaced, never clamped)."""
+    area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    r = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+    # max(1, .): an empty box is only possible on images a few pixels wide, where MAE's resize would fail
+    w = max(1, min(round(math.sqrt(area * r)), width))
+    h = max(1, min(round(math.sqrt(area / r)), height))
+    top = torch.randint(0, height - h + 1, (1,)).item()
+    left = torch.randint(0, width - w + 1, (1,)).item()
+    return top, left, h, w
+
+
+class TFRandomResizedCrop:
+    """The tf_crop_params box resized to size x size, bicubic; a transform for a torchvision.transforms.v2 Compose.
+    MAE resizes the PIL image (PIL's bicubic); here the uint8 tensor is resized with antialias=True, torchvision's
+    PIL-like bicubic, as common.pretrain_transform does. Its draws come from torch's default generator, which
+    SeededDataset seeds per sample, so the crops are reproducible."""
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, img):
+        height, width = v2.functional.get_size(img)
+        top, left, h, w = tf_crop_params(height, width, self.scale, self.ratio)
+        return v2.functional.resized_crop(img, top, left, h, w, [self.size, self.size],
+                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def probe_train_transform(size):
+    """MAE main_linprobe.py's training augmentation: TF-style RandomResizedCrop(size, scale 0.08-1, ratio 3/4-4/3,
+    bicubic) + horizontal flip + ImageNet normalisation."""
+    return v2.Compose([v2.ToImage(), TFRandomResizedCrop(size), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 class SeededSampler(DistributedSampler):
     """MAE's DistributedSampler (shuffle, set_epoch) that also gives each index an augmentation seed of
     (seed, epoch, index), so that crops do not depend on the number of workers."""
@@ -181,9 +259,9 @@ class SeededSampler(DistributedSampler):
 
 
 def image_batches(vit, dataset, args, dist):
-    """Full protocol: every epoch, new RandomResizedCrop(scale 0.08-1, bicubic) + flip views through the frozen
+    """Full protocol: every epoch, new views (probe_train_transform: MAE's TF-style crop + flip) through the frozen
     encoder. Returns (batches(epoch) -> iterator of (features [B, D], labels [B]), batches per epoch)."""
-    data = SeededDataset(dataset, image_transform(pretrain_transform(args.input_size, scale=(0.08, 1.0))))
+    data = SeededDataset(dataset, image_transform(probe_train_transform(args.input_size)))
     sampler = SeededSampler(data, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed)
     loader = make_loader(data, args.batch_size, args.num_workers, sampler, drop_last=True)
 
@@ -328,7 +406,7 @@ def main(args):
         train = val if args.loo else extract_dataset(vit, train_set, args, dist, "train features")
         ks = sorted({1, *args.nb_knn})
         votes = knn_votes(*train, val[0], ks, args.temperature, num_classes, exclude_self=args.loo)
-        knn = {str(k): dict(zip(("top1", "top5"), accuracy(votes[k], val[1]))) for k in ks}
+        knn = {str(k): dict(zip(("top1", "top5"), accuracy(votes[k], val[1], max_rank=k))) for k in ks}
         for k in ks:
             dist.print(f"{k}-NN: top-1 {knn[str(k)]['top1']:.2f}  top-5 {knn[str(k)]['top5']:.2f}")
         best_k = 1 if args.loo else 20 if 20 in ks else ks[-1]  # Latent MIM reports leave-one-out 1-NN, DINO k = 20
@@ -366,7 +444,10 @@ def build_parser():
     a("--data", required=True, help="folder with train/<class>/* and val/<class>/*, or 'synthetic'")
     a("--mode", default="linear", choices=["linear", "knn"])
     a("--cached", action="store_true", help="linear: train on features extracted once without augmentation")
-    a("--pool", default="cls", choices=POOLS, help="cls token, mean of normed patch tokens, or mean before the norm")
+    a("--pool", default="cls", choices=POOLS,
+      help="cls: cls token after the final norm; mean: mean of the patch tokens each after the encoder's final norm "
+           "(its trained affine); mae-mean: MAE's --global_pool, LayerNorm without affine (MAE's fc_norm at its "
+           "default init) of the pre-norm patch mean; prenorm-mean: the pre-norm patch mean")
     a("--input-size", type=int, default=None, help="image size (default: the encoder's; must match it)")
     a("--num-heads", type=int, default=None, help="override the head count inferred for public checkpoints")
     a("--epochs", type=int, default=90)

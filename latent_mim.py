@@ -64,9 +64,10 @@ def num_visible(num_patches, mask_ratio):
 def patch_discrimination_loss(pred, target, tau=0.2):
     """Delta_PatchDisc^k = -tau log( exp(sim(z^_k, z_k)/tau) / sum_{l in T} exp(sim(z^_k, z_l)/tau) ),
     sim = cosine; mean over images and target patches k. pred, target [B, T, D].
-    The negatives l are the other targets of the SAME image (no cross-image negatives). The seed prints exp(-sim/tau),
-    a sign typo (it would push each prediction away from its own target); the official code uses +sim/tau. The
-    official code also scales by 2 tau instead of tau; we follow the equation (only the loss scale differs)."""
+    The negatives l are the other targets of the SAME image (no cross-image negatives). The paper prints
+    exp(-sim/tau), a sign typo (it would push each prediction away from its own target); the official code uses
+    +sim/tau. It also scales by 2 tau; we keep the equation's tau and halve R's weight (0.05 for its 0.1), so our
+    total loss is exactly half the official one and AdamW (blind to the loss scale, up to its eps) steps the same."""
     with torch.autocast(pred.device.type, enabled=False):  # softmax over 176 logits / 0.2 in fp32
         p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
         logits = p @ t.transpose(1, 2) / tau  # [B, T, T]: sim(z^_k, z_l) / tau
@@ -74,20 +75,25 @@ def patch_discrimination_loss(pred, target, tau=0.2):
 
 
 def latent_loss(pred, target, kind, tau=0.2, delta=1.0):
-    """Mean over images and target patches k of the seed's per-patch Delta^k (pred, target [B, T, D]):
+    """Mean over images and target patches k of the paper's per-patch Delta^k (pred, target [B, T, D]):
     Delta_L2 = ||z^_k - z_k||_2^2,  Delta_L1 = ||z^_k - z_k||_1,
-    Delta_Huber = 1/2 Delta_L2 if Delta_L2 < delta^2 else delta (Delta_L1 - delta/2)  (whole vector, as written),
-    Delta_PatchDisc: see `patch_discrimination_loss`."""
+    Delta_Huber = 1/2 Delta_L2 if Delta_L2 < delta^2 else delta (Delta_L1 - delta/2),
+    Delta_PatchDisc: see `patch_discrimination_loss`.
+    (decision) Huber per channel, e = z^_kc - z_kc: 1/2 e^2 if |e| < delta else delta (|e| - delta/2), summed over
+    channels c as L1 and L2 are. Read on the whole vector, as printed, it cannot be what was trained: targets are
+    standardised per token (768 channels of variance 1), Delta_L2 < 1 needs an RMS error below 0.04 per channel, so
+    the quadratic branch is never taken, Huber = L1 - delta/2 has L1's gradient, and the paper's Huber row (NN 24.3)
+    could not differ from its L1 row (15.2)."""
     if kind == "patchdisc":
         return patch_discrimination_loss(pred, target, tau)
     diff = pred.float() - target.float()  # [B, T, D]
-    l2, l1 = diff.pow(2).sum(-1), diff.abs().sum(-1)  # [B, T]
     if kind == "mse":
-        return l2.mean()
+        return diff.pow(2).sum(-1).mean()
     if kind == "l1":
-        return l1.mean()
+        return diff.abs().sum(-1).mean()
     if kind == "huber":
-        return torch.where(l2 < delta ** 2, 0.5 * l2, delta * (l1 - delta / 2)).mean()
+        e = diff.abs()  # [B, T, D], per channel
+        return torch.where(e < delta, 0.5 * e.pow(2), delta * (e - delta / 2)).sum(-1).mean()
     raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
@@ -114,19 +120,29 @@ def similarity_regularizer(pred, visible, gamma):
     """R = (gamma - E_{i,j in T}[sim(z^_i, z^_j)])^2 + (gamma - E_{i,j in V}[sim(z_i, z_j)])^2, averaged over images.
     pred [B, T, D] raw decoder outputs, visible [B, V, D] online (projected) visible tokens.
     (decision) R is computed per image and then averaged; the official code squares the batch-mean similarity. Per
-    image is the seed's equation and keeps the loss a mean of per-image terms, so DDP and accumulation are exact."""
+    image is the paper's equation and keeps the loss a mean of per-image terms, so DDP and accumulation are exact."""
     return ((gamma - mean_pairwise_cosine(pred)) ** 2 + (gamma - mean_pairwise_cosine(visible)) ** 2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------- decoder
+def visual_cue_weights(pos_target, pos_visible):
+    """Softmax(P_T P_V^T / sqrt(d)): how much each target position draws on each visible one. pos_target [B, T, d],
+    pos_visible [B, V, d] -> [B, T, V]. The paper's formula as we have it shows no 1/sqrt(d); the official code has
+    it. fp32, autocast off, as the PatchDisc logits: logits reach d/2 / sqrt(d) = 11.3; in bf16 weights err up to 6%."""
+    with torch.autocast(pos_target.device.type, enabled=False):
+        d = pos_target.shape[-1]
+        return (pos_target.float() @ pos_visible.float().transpose(1, 2) / math.sqrt(d)).softmax(-1)
+
+
 def visual_cue_queries(mask_token, pos_target, pos_visible, z_visible):
     """m_i = m + p_t + Softmax(P_T P_V^T / sqrt(d)) Z_V: the mask token plus the target's position plus visible
-    features averaged with purely positional weights (no learned parameters). The seed's garbled formula drops the
-    1/sqrt(d) scale; the official code has it. mask_token [D] or [1, 1, D]; pos_target [B, T, D];
-    pos_visible, z_visible [B, V, D] -> [B, T, D]."""
-    d = pos_target.shape[-1]
-    weights = (pos_target @ pos_visible.transpose(1, 2) / math.sqrt(d)).softmax(-1)  # [B, T, V]
-    return mask_token.reshape(1, 1, d) + pos_target + weights @ z_visible
+    features averaged with purely positional weights (`visual_cue_weights`). mask_token [D] or [1, 1, D]; pos_target
+    [B, T, D] and pos_visible [B, V, D] from the fp32 table; z_visible [B, V, D] -> [B, T, D] fp32, as the official
+    queries (promoted by its fp32 mask token and position table)."""
+    weights = visual_cue_weights(pos_target, pos_visible)  # [B, T, V]
+    with torch.autocast(pos_target.device.type, enabled=False):
+        cues = weights @ z_visible.float()  # [B, T, D]
+        return mask_token.float().reshape(1, 1, -1) + pos_target.float() + cues
 
 
 class CrossAttention(nn.Module):
@@ -164,8 +180,9 @@ class LatentDecoder(nn.Module):
         super().__init__()
         self.kind = kind
         self.embed = nn.Linear(enc_dim, dim)
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(dim, grid_size, cls_token=True)[None],
-                             persistent=False)  # fixed [1, 1+L, d], cls position zero; rebuilt from the config
+        # fixed [1, 1+L, d], cls zero. (decision) MAE's integer positions k = 0..g-1, as for all three methods
+        # here; official Latent MIM uses k g / (g - 1) (a linspace)
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(dim, grid_size, True)[None], persistent=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # zero init, as in the official code
         if kind == "self":
             self.blocks = nn.ModuleList(Block(dim, num_heads) for _ in range(depth))
@@ -180,17 +197,17 @@ class LatentDecoder(nn.Module):
     def forward(self, z, vis_ids, tgt_ids):
         x = self.embed(z)  # [B, 1+V, d]: embedded cls and visible features Z_V (no position yet)
         B, T = tgt_ids.shape
-        pos = self.pos_embed.to(x.dtype).expand(B, -1, -1)  # [B, 1+L, d]
+        pos = self.pos_embed.expand(B, -1, -1)  # [B, 1+L, d], fp32
         p_v, p_t = gather_tokens(pos[:, 1:], vis_ids), gather_tokens(pos[:, 1:], tgt_ids)  # [B, V, d], [B, T, d]
-        kv = x + torch.cat([pos[:, :1], p_v], 1)  # [B, 1+V, d], the same for every block
+        kv = x + torch.cat([pos[:, :1], p_v], 1).to(x.dtype)  # [B, 1+V, d], the same for every block
         if self.kind == "cross-cues":
-            q = visual_cue_queries(self.mask_token.to(x.dtype), p_t, p_v, x[:, 1:])  # [B, T, d]
+            q = visual_cue_queries(self.mask_token, p_t, p_v, x[:, 1:])  # [B, T, d], fp32
         else:
-            q = self.mask_token.to(x.dtype) + p_t
+            q = self.mask_token.to(x.dtype) + p_t.to(x.dtype)
         if self.kind == "self":
             out = run_blocks(self.blocks, torch.cat([kv, q], 1))[:, -T:]  # over [B, 1+V+T, d]
         else:
-            q = torch.cat([self.query_token.to(x.dtype).expand(B, -1, -1), q], 1)  # [B, 1+T, d]
+            q = torch.cat([self.query_token.to(q.dtype).expand(B, -1, -1), q], 1)  # [B, 1+T, d]
             for blk in self.blocks:
                 q = blk(q, kv)
             out = q[:, 1:]
@@ -296,7 +313,8 @@ def build_parser():
     a("--mask-ratio", type=float, default=0.9, help="visible = round(L (1 - ratio)): 0.9 -> 20 of 196")
     a("--gap", type=int, default=4, help="pixels between grid cells; patches jitter by 0..gap-1 (0: contiguous)")
     a("--crop-size", type=int, default=None, help="training crop; must be grid x (patch + gap) (default: that)")
-    a("--sim-weight", type=float, default=0.1, help="weight of the similarity regulariser R (0: off)")
+    # 0.05 = the official 0.1 against the official 2 tau scaling of PatchDisc (we scale by tau, as the equation)
+    a("--sim-weight", type=float, default=0.05, help="weight of the similarity regulariser R (0: off)")
     a("--gamma-start", type=float, default=0.75, help="R's target similarity at the start (cosine schedule)")
     a("--gamma-end", type=float, default=0.25, help="... and at the end of training")
     a("--decoder", choices=DECODERS, default="cross-cues", help="decoder table: self / cross / cross + visual cues")
@@ -387,11 +405,18 @@ def bench(args, model):
     model.to(device)
     imgs = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
     ema = (lambda: model.momentum_update(args.momentum)) if model.target == "momentum" else None
-    case = (model, [imgs], build_adamw(model, args.weight_decay, 1e-4), ema)
+    case = (model, [imgs], build_adamw(model, args.weight_decay, 1e-4, no_weight_decay), ema)
     return benchmark({METHOD: case}, device, args.bench_steps, args.compile, args.profile, args.seed)[METHOD]
 
 
 # ---------------------------------------------------------------------------------------------------------- training
+def no_weight_decay(name, param):
+    """The official optimizer groups (timm's param_groups_weight_decay with every name containing 'bias', 'norm' or
+    'embed' listed): no weight decay on biases, 1-D norm weights, the patch-embedding weight(s) and the decoder's
+    input embedding; the cls, mask and query tokens ARE decayed (the position tables are buffers)."""
+    return param.ndim <= 1 or name.endswith((".bias", "patch_embed.proj.weight")) or name == "decoder.embed.weight"
+
+
 def main(args):
     check_args(args)
     if args.vis:
@@ -402,7 +427,7 @@ def main(args):
         return bench(args, model)
     run = TrainRun(args, METHOD, train_dataset(args))
     model.to(run.device)
-    optimizer = build_adamw(model, args.weight_decay, run.peak_lr)
+    optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
     # Exported encoder = the online encoder: it is the network the loss trains (the target is only its EMA, or
     # absent), and the official k-NN evaluation reads `model.encoder` too. Its config (224 px, gap 0) is what
     # eval_probe's load_vit rebuilds; the projector is dropped, as in the official evaluation.

@@ -3,7 +3,7 @@
 A student ViT f_theta sees the visible patches M.x; an EMA teacher f_bar sees the MASKED patches (1-M).x and, between
 its blocks, discards the tokens most similar to the mean token (progressive token reduction); a decoder g_phi gets
 the student's tokens plus a mask token omega + position p for each patch the teacher KEPT and predicts the teacher's
-features there. Objective (seed):
+features there. The paper's objective:
 
     max_{theta, phi, omega}  E_x  M{ f_bar[(1-M).x; k],  g_phi{ h[f_theta(M.x), omega + p] } }
 
@@ -30,7 +30,7 @@ from common import (VIT_PRESETS, Block, Dist, SeededDataset, StepRandom, TrainRu
                     run_blocks, run_main, set_lr, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
 
 
-# ------------------------------------------------------------------------------------------ the seed's equations
+# ----------------------------------------------------------------------------------------- the paper's equations
 def similarity_scores(x):
     """s_i = M(x_i, sum_j x^j / N_i) = cos(x_hat_i, m),  x_hat_i = x_i / ||x_i||,  m = (1/N_i) sum_j x_hat_j.
 
@@ -75,8 +75,9 @@ def cosine_loss(pred, target):
 
 
 def parse_drop_after(text, depth):
-    """'auto' -> the public code's drop case 0, three evenly spaced stages [depth // 3 * i] (0,4,8 for 12 blocks,
-    0,8,16 for ViT-L); 'none' -> no dropping; else comma-separated block indices."""
+    """Teacher blocks after which T(x; k) is applied. 'auto' -> the public code's default drop_case 0 with 3 stages,
+    [depth // 3 * i for i < 3] (0,4,8 for 12 blocks, 0,8,16 for ViT-L); 'none' -> no dropping; else comma-separated
+    block indices (0-based). The paper's drop cases 1-5 are drawn in a figure, not given as indices (README)."""
     text = text.replace(" ", "").lower()
     if text == "auto":
         return [depth // 3 * i for i in range(3)]
@@ -210,8 +211,9 @@ def build_parser():
     a = parser.add_argument
     a("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden from the student")
     a("--keep-ratio", type=float, default=0.5, help="k: fraction of the teacher's tokens kept at each drop")
-    a("--drop-after", default="auto", help="teacher blocks after which tokens are dropped: indices like 0,4,8, 'none', "
-                                            "or 'auto' = [depth // 3 * i for i < 3] (0,4,8 for ViT-B, public case 0)")
+    a("--drop-after", default="auto", help="teacher blocks (0-based) after which tokens are dropped: indices like "
+                                            "0,4,8, 'none', or 'auto' = [depth // 3 * i for i < 3] (0,4,8 for ViT-B: "
+                                            "the public code's default drop_case 0)")
     a("--random-drop", action="store_true", help="RD ablation: drop a uniform random subset instead of ranking")
     a("--decoder-dim", type=int, default=512)
     a("--decoder-depth", type=int, default=8)
@@ -257,6 +259,14 @@ def check_args(args):
         raise UserError("--drop-path must be in [0, 1) and --ema in [0, 1]")
 
 
+def no_weight_decay(name, param):
+    """MAE's optimizer groups, which the public PCAE code uses (main_pretrain.py: timm 0.5.4 add_weight_decay, no skip
+    list, on the student + decoder): no weight decay on biases and 1-D norm weights; every other parameter, the cls
+    and mask tokens included, is decayed. Position embeddings are buffers here (frozen parameters there) and the
+    teacher's parameters (requires_grad False; a separate model there) are in no group."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
 def main(args):
     check_args(args)
     if args.vis:
@@ -268,7 +278,7 @@ def main(args):
     run = TrainRun(args, "pcae", dataset)
     torch.manual_seed(args.seed)  # same init on every process
     model = build_model(args).to(run.device)
-    optimizer = build_adamw(model, args.weight_decay, run.peak_lr)
+    optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
     # The exported encoder is the student (MAE-style methods fine-tune the online network).
     ddp_model = run.prepare(model, optimizer, model.student)
     run.measure_flops(model, torch.zeros(2, 3, args.input_size, args.input_size, device=run.device))  # for MFU
@@ -294,7 +304,7 @@ def bench(args):
     device = Dist(args.device).device
     torch.manual_seed(args.seed)
     model = build_model(args).to(device).train()
-    optimizer = build_adamw(model, args.weight_decay, 1e-4)
+    optimizer = build_adamw(model, args.weight_decay, 1e-4, no_weight_decay)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     cases = {"pcae": (model, [imgs], optimizer, lambda: model.update_teacher(args.ema))}
     if args.bench_baseline:

@@ -95,17 +95,22 @@ class PartLearner(nn.Module):
         return self
 
     def maps(self, imgs):
-        """imgs [B, 3, H, W] -> (cls [B, D], blurred part maps [B, N, h, w])."""
+        """imgs [B, 3, H, W] -> (cls [B, D], blurred part maps [B, N, h, w], always float32)."""
         with torch.no_grad():
-            tokens = self.teacher(imgs)  # [B, 1+L, D] after the final norm
-        cls, patches = tokens[:, 0], tokens[:, 1:]
-        b, _, d = tokens.shape
-        parts = self.part_tokens(cls).view(b, self.num_parts, d)  # [B, N, D]
-        attn = (parts @ patches.transpose(1, 2) / math.sqrt(d)).softmax(dim=1)  # softmax over the N parts [B, N, L]
-        attn = attn.view(b, self.num_parts, self.grid, self.grid)
-        # replicate padding: every patch is a weighted mean of its neighbours, the parts still sum to 1 everywhere
-        attn = F.pad(attn, (1, 1, 1, 1), mode="replicate")
-        return cls, F.conv2d(attn, self.blur.to(attn.dtype), groups=self.num_parts)
+            tokens = self.teacher(imgs)  # [B, 1+L, D] after the final norm (bf16 under autocast: the costly part)
+        # The head (part tokens, dot products, softmax, blur) runs in fp32 even under autocast: the part ids are the
+        # argmax of these maps, and bf16 (8-bit mantissa) turns near ties into exact ties, which argmax resolves to
+        # the lowest part index. The head is a tiny fraction of the teacher's FLOPs.
+        with torch.autocast(imgs.device.type, enabled=False):
+            tokens = tokens.float()
+            cls, patches = tokens[:, 0], tokens[:, 1:]
+            b, _, d = tokens.shape
+            parts = self.part_tokens(cls).view(b, self.num_parts, d)  # [B, N, D]
+            attn = (parts @ patches.transpose(1, 2) / math.sqrt(d)).softmax(dim=1)  # softmax over the N parts [B, N, L]
+            attn = attn.view(b, self.num_parts, self.grid, self.grid)
+            # replicate padding: every patch is a weighted mean of its neighbours, the parts still sum to 1 everywhere
+            attn = F.pad(attn, (1, 1, 1, 1), mode="replicate")
+            return cls, F.conv2d(attn, self.blur, groups=self.num_parts)
 
     def decode(self, maps, cls):
         """N-channel maps [B, N, h, w] + style from cls -> image [B, 3, H, W] (normalised space)."""
@@ -135,18 +140,27 @@ def _uniform(batch, n, device, generator=None, rng=None):
     return rng.rand(n) if rng is not None else torch.rand(batch, n, generator=generator, device=device)
 
 
+def setting2_budget(num_patches, mask_ratio):
+    """floor(r L), the patches setting 2 masks, computed as the official code does (models_mae_setting3.py,
+    random_masking_setting3): the Python double L * r enters a float32 tensor expression (torch's default dtype) with
+    the integer part sizes and is truncated by .to(torch.long). So the double is rounded to float32 first:
+    L = 196, r = 0.9 -> 176 (176.4); L = 100, r = 0.29 -> 29, where floor of the double 28.999999999999996 gives 28.
+    num_patches: int -> int, or an integer tensor -> long tensor."""
+    budget = (torch.as_tensor(num_patches).double() * mask_ratio).float().floor().long()
+    return budget if torch.is_tensor(num_patches) else int(budget)
+
+
 def part_mask_counts(part_sizes, mask_ratio, alpha, generator=None, rng=None, budget=None):
     """Masked patches per part; part_sizes a [B, K] -> n [B, K] (long). With r the mask ratio and L = sum_k a_k:
       setting 1 (a portion of every part):  n1_k = round(r a_k)
       setting 2 (whole parts, visited in random order):  n2_k = min(a_k, max(0, floor(r L) - sum_{j before k} a_j))
       blend:  n_k = round((1 - alpha) n1_k + alpha n2_k)
-    `budget` overrides floor(r L) (semantic_guided_masking passes L - int(L (1 - r)): the same number except where
-    float rounding differs, so that alpha = 1 needs no top-up)."""
+    floor(r L) is setting2_budget(L, r); `budget` (an int) passes it precomputed when every image has the same L.
+    sum_k n_k need not equal the int(L (1 - r)) visible count: semantic_guided_masking tops up or trims afterwards."""
     a = part_sizes.long()
     b, k = a.shape
     if budget is None:
-        total = a.sum(1, keepdim=True)  # [B, 1]
-        budget = total - (total.double() * (1 - mask_ratio)).floor().long()
+        budget = setting2_budget(a.sum(1, keepdim=True), mask_ratio)  # [B, 1]
     order = _uniform(b, k, a.device, generator, rng).argsort(dim=1)  # random visiting order of the parts [B, K]
     a_ord = a.gather(1, order)
     before = a_ord.cumsum(1) - a_ord  # patches of the parts visited earlier
@@ -155,11 +169,14 @@ def part_mask_counts(part_sizes, mask_ratio, alpha, generator=None, rng=None, bu
     return torch.round((1 - alpha) * n1 + alpha * n2).long()
 
 
-def semantic_guided_masking(part_ids, mask_ratio, alpha, generator=None, rng=None, num_parts=None):
+def semantic_guided_masking(part_ids, mask_ratio, alpha, generator=None, rng=None, num_parts=None, budget=None):
     """Official algorithm, batched with fixed shapes (no host sync when num_parts is given):
-    1. random permutation of the patches; 2.-4. n_k per part (part_mask_counts); 5. mask the first n_k shuffled
-    patches of each part, then keep exactly V = int(L (1 - r)) visible: the unmasked ones first, each group in the
-    shuffled order (so a surplus is trimmed from the end, a shortfall topped up from the start of the masked ones).
+    1. random permutation of the patches; 2.-4. n_k per part (part_mask_counts, setting 2 with the official budget
+    floor(r L)); 5. mask the first n_k shuffled patches of each part, then keep exactly V = int(L (1 - r)) visible, as
+    the official len_keep: the unmasked ones first, each group in the shuffled order (so a surplus is trimmed from the
+    end, a shortfall topped up from the start of the masked ones). floor(r L) + V is L - 1, not L, whenever r L is
+    not an integer (r = 0.9, L = 196: 176 + 19), so then even alpha = 1 masks one patch more than setting 2 counts.
+    budget: setting2_budget(L, r) precomputed (SemMAE does, so that a compiled forward builds no host tensor).
     part_ids [B, L] integer -> (visible ids [B, V], masked ids [B, L - V])."""
     b, n_patches = part_ids.shape
     k = num_parts if num_parts is not None else int(part_ids.max()) + 1
@@ -168,7 +185,8 @@ def semantic_guided_masking(part_ids, mask_ratio, alpha, generator=None, rng=Non
     ids = part_ids.long().gather(1, perm)  # part of each shuffled patch [B, L]
     # one-hot by scatter: F.one_hot would check the id range (a host sync on some devices)
     onehot = torch.zeros(b, n_patches, k, dtype=torch.int32, device=ids.device).scatter_(2, ids[..., None], 1)
-    n = part_mask_counts(onehot.sum(1), mask_ratio, alpha, generator, rng, budget=n_patches - visible)  # [B, K]
+    budget = setting2_budget(n_patches, mask_ratio) if budget is None else budget  # floor(r L), a Python int
+    n = part_mask_counts(onehot.sum(1), mask_ratio, alpha, generator, rng, budget=budget)  # [B, K]
     rank = onehot.cumsum(1).gather(2, ids[..., None])[..., 0]  # 1-based rank inside its part, shuffled order [B, L]
     masked = rank <= n.gather(1, ids)  # 5. the first n_k shuffled patches of part k
     key = masked.long() * n_patches + torch.arange(n_patches, device=part_ids.device)  # unique keys
@@ -183,6 +201,7 @@ class SemMAE(nn.Module):
                  norm_pix_loss=True):
         super().__init__()
         self.encoder, self.num_parts, self.mask_ratio, self.patch = encoder, num_parts, mask_ratio, encoder.patch_size
+        self.budget = setting2_budget(encoder.num_patches, mask_ratio)  # floor(r L) of setting 2, an int
         self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(encoder.embed_dim, dec_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
@@ -204,7 +223,7 @@ class SemMAE(nn.Module):
                 vis, msk = random_masking(rng.rand(n), int(n * (1 - self.mask_ratio)))  # [B, V], [B, L-V]
             else:
                 vis, msk = semantic_guided_masking(part_ids, self.mask_ratio, self.alpha, rng=rng,
-                                                   num_parts=self.num_parts)
+                                                   num_parts=self.num_parts, budget=self.budget)
             patches = patchify(imgs, self.patch)  # [B, L, p*p*3]
         with record_function("encoder"):
             x = self.encoder.forward_pixels(gather_tokens(patches, vis), vis, rng)  # [B, 1+V, D], only V embedded
@@ -229,8 +248,12 @@ class SemMAE(nn.Module):
 
 
 def alpha_for_epoch(args, epoch):
-    """--alpha-schedule: power (paper), reverse (Table 3 'reversed'), const0 / const1 (alpha fixed), cosine (the
-    schedule hard-coded in the released engine_pretrain_setting3.py, there with T = 800)."""
+    """--alpha-schedule: power (paper, alpha = (t / T)^gamma), reverse (Table 3 'reversed', alpha = 1 - (t / T)^gamma),
+    const0 / const1 (alpha fixed), cosine (alpha = (1 - cos(pi t / T)) / 2).
+    The official engine_pretrain_setting3.py passes mask_lambda = 1 - alpha (the weight of setting 1), with T = 800.
+    At its head (commit e9564d6) the active line is 1 - (t / T)^2, i.e. `power` with gamma 2; the cosine line was
+    active only in its first upload (7b4e361). Its commented-out 'reverse' line, mask_lambda = t / T, is linear:
+    `reverse` with --gamma 1."""
     t = alpha_schedule(epoch, args.epochs, args.gamma)
     return {"power": t, "reverse": 1.0 - t, "const0": 0.0, "const1": 1.0,
             "cosine": 0.5 * (1 - math.cos(math.pi * min((epoch + 1) / args.epochs, 1.0)))}[args.alpha_schedule]
@@ -374,6 +397,13 @@ def extract_parts(model, base, args, run):
     d.barrier()
 
 
+def no_weight_decay(name, param):
+    """The official optimizer groups (main_pretrain_setting3.py, as MAE: timm 0.3.2 add_weight_decay with no skip
+    list): no weight decay on biases and 1-D (norm) weights; everything else, the cls and mask tokens included, is
+    decayed. Their frozen position embeddings (requires_grad=False) are buffers here. Stage A uses the same rule."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
 def main_parts(args):
     if not 2 <= args.num_parts <= 255:
         raise UserError("--num-parts must be between 2 and 255 (part ids are stored as uint8)")
@@ -392,7 +422,7 @@ def main_parts(args):
     model = PartLearner(teacher, args.num_parts, args.dec_channels, args.div_weight)
     run = TrainRun(args, "semmae-parts", SeededDataset(base, image_transform(part_transform(args.input_size, True))))
     model.to(run.device)
-    optimizer = build_adamw(model, args.weight_decay)
+    optimizer = build_adamw(model, args.weight_decay, 0.0, no_weight_decay)
     ddp_model = run.prepare(model, optimizer, teacher)
     if args.vis:
         return preview_parts(model, base, args.vis, run.device) if run.dist.is_main else None
@@ -437,7 +467,7 @@ def bench(args, model, device, num_parts):
     if args.masking == "semantic":
         inputs.append(torch.randint(num_parts, (b, n), device=device))  # random part maps
     name = f"semmae-{args.masking}"
-    case = (model, inputs, build_adamw(model, args.weight_decay, 1e-4), None)
+    case = (model, inputs, build_adamw(model, args.weight_decay, 1e-4, no_weight_decay), None)
     return benchmark({name: case}, device, args.bench_steps, args.compile, args.profile, args.seed)[name]
 
 
@@ -472,7 +502,7 @@ def main_pretrain(args):
         dataset = SeededDataset(base, image_transform(pretrain_transform(args.input_size)))
     run = TrainRun(args, "semmae", dataset)
     model.to(run.device)
-    optimizer = build_adamw(model, args.weight_decay)
+    optimizer = build_adamw(model, args.weight_decay, 0.0, no_weight_decay)
     ddp_model = run.prepare(model, optimizer, encoder)
     fake = [torch.zeros(2, 3, args.input_size, args.input_size, device=run.device),
             torch.zeros(2, encoder.num_patches, dtype=torch.long, device=run.device)]
@@ -513,8 +543,11 @@ def build_parser():
     pb.add_argument("--parts", default=None, help="parts file from `semmae.py parts`")
     pb.add_argument("--masking", default="semantic", choices=["semantic", "random"], help="random: plain MAE")
     pb.add_argument("--mask-ratio", type=float, default=0.75)
-    pb.add_argument("--alpha-schedule", default="power", choices=["power", "reverse", "const0", "const1", "cosine"])
-    pb.add_argument("--gamma", type=float, default=2.0, help="alpha = (t / T)^gamma")
+    pb.add_argument("--alpha-schedule", default="power", choices=["power", "reverse", "const0", "const1", "cosine"],
+                    help="power: alpha = (t / T)^gamma (paper, official code's head); reverse: 1 - (t / T)^gamma "
+                         "(the official commented-out line is linear: add --gamma 1); const0 / const1: alpha fixed; "
+                         "cosine: (1 - cos(pi t / T)) / 2 (the official engine's first upload only)")
+    pb.add_argument("--gamma", type=float, default=2.0, help="alpha = (t / T)^gamma (power and reverse)")
     pb.add_argument("--decoder-dim", type=int, default=512)
     pb.add_argument("--decoder-depth", type=int, default=8)
     pb.add_argument("--decoder-heads", type=int, default=16)

@@ -277,13 +277,13 @@ def test_ema_update_rule():
 def test_param_group_split():
     vit = build_vit("micro")
     vit.mask_token = torch.nn.Parameter(torch.zeros(1, 1, 64))
-    decay, no_decay = common.param_groups(vit, 0.05)
+    decay, no_decay = common.param_groups(vit, 0.05, lambda name, p: p.ndim < 2 or name == "cls_token")
     names = {id(p): n for n, p in vit.named_parameters()}
     d, nd = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert d == {"patch_embed.proj.weight"} | {f"blocks.{i}.{k}" for i in range(4) for k in
+    assert d == {"mask_token", "patch_embed.proj.weight"} | {f"blocks.{i}.{k}" for i in range(4) for k in
                  ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")}
-    assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias",
+    assert {"cls_token", "norm.weight", "norm.bias", "blocks.0.attn.qkv.bias",
             "blocks.3.norm2.weight", "patch_embed.proj.bias"} <= nd
     assert len(d) + len(nd) == sum(1 for _ in vit.parameters())
 
@@ -397,7 +397,7 @@ def toy_train(out, *flags):
     run = common.TrainRun(args, "toy", ds)
     torch.manual_seed(0)
     model = ToyMasked()
-    opt = torch.optim.AdamW(common.param_groups(model, 0.05), betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(common.param_groups(model, 0.05, lambda n, p: p.ndim < 2), betas=(0.9, 0.95))
     ddp_model = run.prepare(model, opt, model.vit)
     for _ in run.epochs():
         for _ in run.steps():

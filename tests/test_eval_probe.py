@@ -52,6 +52,25 @@ def test_knn_leave_one_out_and_topk():
     assert ep.accuracy(scores, torch.tensor([1, 5])) == (50.0, 50.0)
 
 
+def test_knn_top5_counts_the_first_min_5_k_predictions():
+    # six training features at angles 0, 0.1, ..., 0.5 rad from the test feature: the neighbours come in that order,
+    # with weights exp(cos / T) decreasing; the test feature is repeated once with each label
+    angles = torch.arange(6) * 0.1
+    train, test, truth = torch.stack([angles.cos(), angles.sin()], 1), torch.tensor([[1.0, 0.0]]).repeat(6, 1), \
+        torch.arange(6)
+    votes = ep.knn_votes(train, torch.tensor([2, 4, 1, 0, 3, 5]), test, [1, 3, 5], num_classes=6)
+    assert ep.topk_correct(votes[1], truth, max_rank=1) == [1, 1]  # k = 1: top-5 = top-1 (label 2 only)
+    assert ep.topk_correct(votes[3], truth, max_rank=3) == [1, 3]  # voted 2 > 4 > 1; not the zero-vote 0, 3, 5
+    assert ep.topk_correct(votes[5], truth, max_rank=5) == [1, 5]  # every label but 5 (the 6th neighbour's)
+    assert ep.accuracy(votes[3], truth, max_rank=3) == pytest.approx((100 / 6, 50.0))
+    assert ep.topk_correct(votes[3], truth) == [1, 5]  # a plain top-5 lets two zero-vote classes in
+    # two classes voted among 3 neighbours (2 gets w1 + w3 > w2 of 4): DINO's 3rd prediction is a zero-vote class,
+    # here the lowest index, 0 (ties in class order)
+    votes = ep.knn_votes(train, torch.tensor([2, 4, 2, 1, 3, 5]), test, [3], num_classes=6)[3]
+    assert ep.label_rank(votes, truth).tolist() == [2, 3, 0, 4, 1, 5]
+    assert ep.topk_correct(votes, truth, max_rank=3) == [1, 3]  # labels 2, 4, 0
+
+
 # ------------------------------------------------------------------------------------------------------------- LARS
 def test_lars_two_steps_match_hand_computation():
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))  # ||w|| = 5
@@ -103,6 +122,20 @@ def test_feature_pools_and_gather_order(monkeypatch):
     assert torch.allclose(ep.extract(vit, imgs, "cls"), tokens[:, 0], atol=1e-6)
     assert torch.allclose(ep.extract(vit, imgs, "mean"), tokens[:, 1:].mean(1), atol=1e-6)
     assert torch.allclose(ep.extract(vit, imgs, "prenorm-mean"), pre[:, 1:].mean(1), atol=1e-6)
+    # mae-mean: MAE's global pool, fc_norm as models_vit.py builds it (LayerNorm eps 1e-6, default init 1 / 0) on the
+    # pre-norm mean: every feature vector has mean 0 and (biased) variance 1
+    mae = ep.extract(vit, imgs, "mae-mean")
+    assert torch.allclose(mae, torch.nn.LayerNorm(64, eps=1e-6)(pre[:, 1:].mean(1)).detach(), atol=1e-5)
+    assert mae.mean(1).abs().max() < 1e-5 and torch.allclose(mae.var(1, unbiased=False), torch.ones(3), atol=1e-4)
+    assert (mae - ep.extract(vit, imgs, "mean")).abs().max() > 0.1  # LN of the mean is not the mean of LNs
+    # mean keeps the final norm's trained affine g, b; the probe's BatchNorm1d(affine=False) removes it (up to sign g)
+    g = torch.randn(64).sign() * (0.5 + torch.rand(64))
+    with torch.no_grad():
+        vit.norm.weight.copy_(g), vit.norm.bias.copy_(torch.randn(64))
+    def bn(x):  # BatchNorm1d(affine=False) in train mode with eps -> 0 (over 3 images some variances are 1e-4)
+        return (x - x.mean(0)) / x.std(0, correction=0)
+    plain = torch.nn.functional.layer_norm(pre[:, 1:], (64,), eps=1e-6).mean(1)  # mean of LN_1,0 tokens
+    assert torch.allclose(bn(ep.extract(vit, imgs, "mean")), bn(plain) * g.sign(), atol=1e-3)
     # 3 processes hold rows rank::3 of 7 rows; the gathered tensor is in index order
     rows = torch.arange(7.0)[:, None]
 
@@ -196,8 +229,9 @@ def test_checkpoint_loads_and_evaluates(kind, tmp_path):
     row = probe(path, "--mode", "knn", "--nb-knn", "3", *extra, output=out)
     (tf, ty), (vf, vy) = reference_features(ref, "train"), reference_features(ref, "val")
     for k in (1, 3):
-        expected = ep.accuracy(ep.knn_votes(tf, ty, vf, [k], num_classes=10)[k], vy)
+        expected = ep.accuracy(ep.knn_votes(tf, ty, vf, [k], num_classes=10)[k], vy, max_rank=k)
         assert (row["knn"][str(k)]["top1"], row["knn"][str(k)]["top5"]) == pytest.approx(expected)
+    assert row["knn"]["1"]["top5"] == row["knn"]["1"]["top1"]  # DINO: top-5 over min(5, k) predictions
     if kind == "project":  # Latent MIM's NN: leave-one-out 1-NN on val, mean of patch tokens before the final norm
         loo = probe(path, "--mode", "knn", "--loo", "--pool", "prenorm-mean", "--nb-knn", "1", output=out)
         imgs = reference_images("val")[0]
@@ -206,6 +240,7 @@ def test_checkpoint_loads_and_evaluates(kind, tmp_path):
         sim = torch.nn.functional.normalize(pre, dim=1) @ torch.nn.functional.normalize(pre, dim=1).T
         nearest = sim.fill_diagonal_(-2).argmax(1)
         assert loo["k"] == 1 and loo["top1"] == pytest.approx(100 * (vy[nearest] == vy).float().mean().item())
+        assert loo["top5"] == loo["top1"]
     cached = probe(path, "--cached", "--epochs", "2", "--warmup-epochs", "1", "--lr", "5", *extra, output=out)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["mode"] for r in lines][-1] == "linear" and lines[-1]["top1"] == cached["top1"]
@@ -227,12 +262,99 @@ def test_public_layout_head_count_from_presets_or_flag(tmp_path):
         assert not torch.allclose(ep.extract(vit1, imgs, "cls"), ref(imgs)[:, 0], atol=1e-3)
 
 
-def test_full_protocol_with_augmentation_is_reproducible(tmp_path):
+def test_full_protocol_with_augmentation_is_reproducible(tmp_path, monkeypatch):
+    boxes = []  # every training crop goes through MAE's TF-style box (not torchvision's RandomResizedCrop)
+    monkeypatch.setattr(ep, "tf_crop_params", lambda *a, f=ep.tf_crop_params: boxes.append(f(*a)) or boxes[-1])
     path, _, _ = make_project(tmp_path)
     flags = ["--epochs", "2", "--warmup-epochs", "1", "--pool", "mean", "--output", str(tmp_path / "p.jsonl")]
-    a, b = probe(path, *flags), probe(path, *flags)
+    a = probe(path, *flags)
+    assert len(boxes) == 2 * N_TRAIN  # 3 full batches of 16 per epoch, 2 epochs
+    b = probe(path, *flags)
+    assert boxes[:2 * N_TRAIN] == boxes[2 * N_TRAIN:]  # the same boxes again: seeded per (seed, epoch, image)
     assert a["history"] == b["history"] and not a["cached"] and a["lr"] == pytest.approx(0.1 * 16 / 256)
     assert len(a["history"]) == 2 and a["pool"] == "mean"
+
+
+# ------------------------------------------------------------------------------- linear-probe crop (MAE util/crop.py)
+def crop_boxes(n, height, width, **kw):
+    torch.manual_seed(0)
+    return torch.tensor([ep.tf_crop_params(height, width, **kw) for _ in range(n)])  # [n, 4]: top, left, h, w
+
+
+def test_tf_crop_draws_in_mae_order_from_the_default_generator():
+    torch.manual_seed(3)
+    box = ep.tf_crop_params(300, 500)
+    torch.manual_seed(3)  # MAE's sequence: area fraction, log aspect ratio, then top, then left
+    u, t = torch.empty(1).uniform_(0.08, 1.0).item(), torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item()
+    w = min(round(math.sqrt(150000 * u * math.exp(t))), 500)
+    h = min(round(math.sqrt(150000 * u / math.exp(t))), 300)
+    top, left = torch.randint(0, 300 - h + 1, (1,)).item(), torch.randint(0, 500 - w + 1, (1,)).item()
+    assert box == (top, left, h, w)
+
+
+def test_tf_crop_area_follows_the_clamped_uniform_draw():
+    # square S x S, ratio 1: w = h = min(round(S sqrt(u)), S), so the area fraction is A = min(u, 1) up to rounding,
+    # u ~ U(lo, hi) with hi > 1: CDF (x - lo) / (hi - lo) below 1 and an atom at 1 of mass (hi - 1) / (hi - lo)
+    side, lo, hi, n = 1000, 0.25, 2.25, 4000
+    box = crop_boxes(n, side, side, scale=(lo, hi), ratio=(1.0, 1.0))
+    assert (box[:, 2] == box[:, 3]).all() and box[:, 2].max() == side
+    area = (box[:, 2] * box[:, 3]).double() / side ** 2
+    c = (1 - 0.5 / side) ** 2  # round(S sqrt(u)) = S once S sqrt(u) >= S - 1/2
+    assert (area == 1).double().mean().item() == pytest.approx((hi - c) / (hi - lo), abs=0.03)  # 0.6255
+    assert area.mean().item() == pytest.approx(((1 - lo ** 2) / 2 + hi - 1) / (hi - lo), abs=0.015)  # 0.8594
+    for p in (0.1, 0.2, 0.3):  # quantiles lo + p (hi - lo) below the atom
+        assert area.quantile(p).item() == pytest.approx(lo + p * (hi - lo), abs=0.04)
+    # torchvision's retry loop would reject every u > 1: P(A = 1) would be about 0.625^10, the fallback's
+
+
+def test_tf_crop_clamps_each_side_and_stays_inside_the_image():
+    # MAE's default scale and ratio on a square: w is clamped to S when u r >= c, i.e. with probability
+    # (1 / 2a) int_{log c}^{a} (1 - c e^-t) / 0.92 dt = (a - log c - 1 + 3c/4) / (1.84 a), a = log 4/3 (about 0.071);
+    # h likewise (r -> 1/r); never both (u r >= 1 and u / r >= 1 only at u = r = 1)
+    side, n = 1000, 4000
+    box = crop_boxes(n, side, side)
+    a, c = math.log(4 / 3), (1 - 0.5 / side) ** 2
+    expected = (a - math.log(c) - 1 + 0.75 * c) / (1.84 * a)
+    w_full, h_full = box[:, 3] == side, box[:, 2] == side
+    assert w_full.double().mean().item() == pytest.approx(expected, abs=0.02)
+    assert h_full.double().mean().item() == pytest.approx(expected, abs=0.02)
+    assert not (w_full & h_full).any()
+    # a non-square image and areas up to twice the image: the box never leaves it, both sides get clamped
+    box = crop_boxes(n, 60, 100, scale=(0.08, 2.0))
+    top, left, h, w = box.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 60).all() and (left + w <= 100).all()
+    assert (h == 60).any() and (w == 100).any() and (h >= 1).all() and (w >= 1).all()
+
+
+def test_tf_crop_never_falls_back_to_a_centre_crop():
+    # ratio 2-3 on a square never fits: torchvision would fall back to the centre box top 25, h 50, every time.
+    # TF-style: w = S (clamped), h = round(S sqrt(u / r)) with u / r in [0.2, 0.5], top uniform on {0, ..., S - h}
+    side, n = 100, 2000
+    top, left, h, w = crop_boxes(n, side, side, scale=(0.6, 1.0), ratio=(2.0, 3.0)).unbind(1)
+    assert (w == side).all() and (left == 0).all()
+    assert h.min() == round(side * math.sqrt(0.2)) and h.max() >= 68 and len(h.unique()) >= 20
+    pos = top.double() / (side - h)
+    assert pos.mean().item() == pytest.approx(0.5, abs=0.03) and (top == 0).any() and (top == side - h).any()
+    assert ((top == 25) & (h == 50)).double().mean() < 0.01
+
+
+def test_probe_train_transform_is_tf_crop_then_flip_then_normalise():
+    from PIL import Image
+    from torchvision.transforms import v2
+    pixels = torch.randint(0, 256, (30, 40, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    img = Image.fromarray(pixels.numpy())
+    for seed in range(6):  # both flip outcomes occur
+        torch.manual_seed(seed)
+        out = ep.probe_train_transform(16)(img)
+        torch.manual_seed(seed)
+        top, left, h, w = ep.tf_crop_params(30, 40)
+        ref = v2.functional.resized_crop(pixels.permute(2, 0, 1), top, left, h, w, [16, 16],
+                                         interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        if torch.rand(1) < 0.5:  # RandomHorizontalFlip(p = 0.5)
+            ref = ref.flip(-1)
+        ref = (ref / 255.0 - torch.tensor(common.IMAGENET_MEAN)[:, None, None]) / torch.tensor(
+            common.IMAGENET_STD)[:, None, None]
+        assert out.shape == (3, 16, 16) and torch.allclose(out, ref, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------ errors

@@ -5,7 +5,9 @@ import json, math
 import pytest
 import torch
 
-from common import StepRandom, UserError, build_adamw, load_vit, patchify
+import torch.nn.functional as F
+
+from common import StepRandom, UserError, build_adamw, get_2d_sincos_pos_embed, load_vit, patchify
 import latent_mim as lm
 
 MICRO = ["--data", "synthetic", "--model", "micro", "--input-size", "32", "--gap", "2", "--mask-ratio", "0.75",
@@ -82,10 +84,27 @@ def test_regression_losses_by_hand():
     # diffs: (1, 0) and (-1, 2): L2 = 1 and 5, L1 = 1 and 3
     assert lm.latent_loss(PRED, TARGET, "mse").item() == pytest.approx(3.0)
     assert lm.latent_loss(PRED, TARGET, "l1").item() == pytest.approx(2.0)
-    # delta 2: patch 1 L2 = 1 < 4 -> 0.5 * 1; patch 2 L2 = 5 >= 4 -> 2 (3 - 1) = 4
-    assert lm.latent_loss(PRED, TARGET, "huber", delta=2.0).item() == pytest.approx((0.5 + 4.0) / 2)
-    # delta 1: both L2 >= 1 -> 1 (1 - 0.5) and 1 (3 - 0.5)
-    assert lm.latent_loss(PRED, TARGET, "huber", delta=1.0).item() == pytest.approx((0.5 + 2.5) / 2)
+    # Huber per channel, summed over channels. delta 2: |1|, |0|, |-1| < 2 -> 0.5, 0, 0.5; |2| >= 2 -> 2 (2 - 1) = 2
+    assert lm.latent_loss(PRED, TARGET, "huber", delta=2.0).item() == pytest.approx((0.5 + (0.5 + 2.0)) / 2)
+    # delta 1: |1| >= 1 -> 1 (1 - 0.5) = 0.5; |0| -> 0; |-1| -> 0.5; |2| -> 1 (2 - 0.5) = 1.5
+    assert lm.latent_loss(PRED, TARGET, "huber", delta=1.0).item() == pytest.approx((0.5 + (0.5 + 1.5)) / 2)
+
+
+def test_huber_gradient_is_quadratic_for_small_errors_and_l1_for_large_ones():
+    """Per channel: below delta the gradient is the error itself, above it delta sign(error), i.e. L1's. With 768
+    standardised channels a whole-vector condition would never pick the quadratic branch, so Huber would be L1."""
+    B, T, D = 2, 3, 768
+    target = torch.randn(B, T, D)
+    sign = torch.randint(2, (B, T, D)).float() * 2 - 1
+    for err, expect in ((0.3 * sign, 0.3 * sign), (3.0 * sign, sign)):  # small: e; large: delta sign(e), delta 1
+        grads = {}
+        for kind in ("huber", "l1"):
+            pred = (target + err).requires_grad_()
+            lm.latent_loss(pred, target, kind, delta=1.0).backward()
+            grads[kind] = pred.grad * (B * T)  # the loss is a mean over images and patches
+        assert torch.allclose(grads["huber"], expect, atol=1e-5)
+        assert torch.allclose(grads["l1"], sign, atol=1e-6)
+    assert not torch.allclose(0.3 * sign, sign)  # small errors: Huber's gradient differs from L1's
 
 
 def test_patchdisc_by_hand():
@@ -122,6 +141,23 @@ def test_similarity_regularizer_by_hand():
     assert lm.similarity_regularizer(p, v, 0.6).item() == pytest.approx(brute.item(), rel=1e-5)
 
 
+def test_default_sim_weight_matches_the_official_2tau_scaling():
+    """Ours: tau PatchDisc + 0.05 R. Official: 2 tau PatchDisc (cross-entropy x 2 tau) + 0.1 R. Ours is exactly half,
+    so AdamW takes the same steps; the old default 0.1 doubled R's relative weight."""
+    args = lm.build_parser().parse_args(["--data", "synthetic"])
+    assert args.sim_weight == 0.05 and args.tau == 0.2
+    torch.manual_seed(0)
+    pred, target, vis, gamma = torch.randn(1, 6, 8), torch.randn(1, 6, 8), torch.randn(1, 3, 8), 0.75
+    ours = (lm.patch_discrimination_loss(pred, target, args.tau)
+            + args.sim_weight * lm.similarity_regularizer(pred, vis, gamma))
+    p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    official_pd = F.cross_entropy((p @ t.transpose(1, 2) / 0.2).flatten(0, 1), torch.arange(6)) * (2 * 0.2)
+    mean_cos = lambda z: (F.normalize(z, dim=-1) @ F.normalize(z, dim=-1).transpose(1, 2)).mean()
+    r = (mean_cos(pred) - gamma) ** 2 + (mean_cos(vis) - gamma) ** 2
+    assert r > 0.1  # R matters in this comparison
+    assert ours.item() == pytest.approx((official_pd + 0.1 * r).item() / 2, rel=1e-5)
+
+
 def test_visual_cue_queries_by_hand():
     m = torch.tensor([0.1, -0.2])
     p_t = torch.tensor([[[1.0, 0.0]]])  # [1, T=1, 2]
@@ -133,6 +169,46 @@ def test_visual_cue_queries_by_hand():
     got = lm.visual_cue_queries(m, p_t, p_v, z_v)
     assert got.shape == (1, 1, 2) and got[0, 0].tolist() == pytest.approx(expect, rel=1e-6)
     assert torch.equal(lm.visual_cue_queries(m.view(1, 1, 2), p_t, p_v, z_v), got)
+
+
+def cue_inputs():
+    pos = get_2d_sincos_pos_embed(512, 14)  # the decoder's table for ViT-B/16: logits up to 256 / sqrt(512)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(196, generator=g)
+    p_v, p_t = pos[perm[:20]][None], pos[perm[20:]][None]  # 20 visible, 176 targets
+    return torch.randn(512, generator=g), p_t, p_v, torch.randn(1, 20, 512, generator=g)
+
+
+def test_visual_cue_weights_stay_fp32_under_bf16_autocast():
+    m, p_t, p_v, z_v = cue_inputs()
+    ref_w = (p_t.double() @ p_v.double().transpose(1, 2) / math.sqrt(512)).softmax(-1)  # [1, 176, 20]
+    ref_q = m.double() + p_t.double() + ref_w @ z_v.double()
+    rel = lambda a, ref: ((a.double() - ref).norm() / ref.norm()).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, q = lm.visual_cue_weights(p_t, p_v), lm.visual_cue_queries(m, p_t, p_v, z_v)
+        left_to_autocast = (p_t @ p_v.transpose(1, 2) / math.sqrt(512)).softmax(-1)  # the bf16 way
+    assert w.dtype == q.dtype == torch.float32 and w.shape == (1, 176, 20)
+    assert rel(w, ref_w) < 1e-5 and rel(q, ref_q) < 1e-5
+    assert rel(left_to_autocast, ref_w) > 1e-2  # bf16 weights are off by a few per cent
+
+
+def test_decoder_passes_fp32_positions_to_the_visual_cues(monkeypatch):
+    """Under autocast the decoder's features are bf16, but the cue weights must see the fp32 position table."""
+    torch.manual_seed(0)
+    decoder = lm.LatentDecoder("cross-cues", 64, 4, dim=32, depth=1, num_heads=4)
+    seen, real = {}, lm.visual_cue_queries
+
+    def spy(*a):
+        seen["args"], seen["q"] = a, real(*a)
+        return seen["q"]
+    monkeypatch.setattr(lm, "visual_cue_queries", spy)
+    vis_ids, tgt_ids = torch.tensor([[0, 5, 9]]), torch.tensor([[1, 2, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = decoder(torch.randn(1, 4, 64), vis_ids, tgt_ids)
+    (m, p_t, p_v, z_v), q = seen["args"], seen["q"]
+    table = decoder.pos_embed[0, 1:]  # [16, 32] fp32
+    assert torch.equal(p_t[0], table[tgt_ids[0]]) and torch.equal(p_v[0], table[vis_ids[0]])
+    assert q.dtype == torch.float32 and out.shape == (1, 13, 64)
 
 
 # ------------------------------------------------------------------------------------------- model and training
@@ -185,7 +261,7 @@ def test_training_steps_lower_the_default_loss():
     torch.manual_seed(0)
     model, data = lm.LatentMIM(args), lm.train_dataset(args)
     imgs = torch.stack([data[i, i][0] for i in range(8)])  # [8, 3, 40, 40]
-    opt = build_adamw(model, 0.05, 2e-3)
+    opt = build_adamw(model, 0.05, 2e-3, lm.no_weight_decay)
     losses = []
     for _ in range(12):
         loss, _ = model(imgs, step_rng(8))
@@ -220,6 +296,38 @@ def test_vis_writes_the_figure(tmp_path):
         assert img.size == (4 + 3 * (40 + 4), 4 + 4 * (40 + 4))  # 3 panels x 4 images of the 40 px crop
 
 
+def test_no_weight_decay_names():
+    """The official groups (timm, names with 'bias' / 'norm' / 'embed' undecayed), mapped onto our names, for the
+    default ViT-B/16 model; the frozen momentum target is in no group."""
+    args = lm.build_parser().parse_args(["--data", "synthetic"])
+    lm.check_args(args)
+    model = lm.LatentMIM(args)
+    enc = [f"encoder.blocks.{i}.{n}" for i in range(12) for n in (
+        "norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
+        "mlp.fc1.bias", "mlp.fc2.bias")]
+    enc += ["encoder.patch_embed.proj.weight", "encoder.patch_embed.proj.bias", "encoder.norm.weight",
+            "encoder.norm.bias"]
+    proj = [f"proj.{i}.{w}" for i in (1, 4, 7) for w in ("weight", "bias")]  # the projector's 3 LayerNorms
+    dec = [f"decoder.blocks.{i}.{n}" for i in range(3) for n in (
+        "norm1.weight", "norm1.bias", "self_attn.qkv.bias", "self_attn.proj.bias", "norm2q.weight", "norm2q.bias",
+        "norm2kv.weight", "norm2kv.bias", "cross_attn.q_proj.bias", "cross_attn.kv_proj.bias", "cross_attn.proj.bias",
+        "norm3.weight", "norm3.bias", "mlp.fc1.bias", "mlp.fc2.bias")]
+    dec += ["decoder.embed.weight", "decoder.embed.bias", "decoder.norm.weight", "decoder.norm.bias",
+            "decoder.head.bias"]
+    expect = set(enc + proj + dec)
+    assert len(expect) == 12 * 8 + 4 + 6 + 3 * 15 + 5
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = build_adamw(model, 0.05, 1e-4, lm.no_weight_decay).param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert {names[id(p)] for p in no_decay["params"]} == expect
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"encoder.cls_token", "decoder.mask_token", "decoder.query_token", "proj.3.weight",
+            "decoder.head.weight", "decoder.blocks.2.cross_attn.kv_proj.weight"} <= decayed
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | expect == trainable and not decayed & expect
+    assert not any(n.startswith("target_") for n in trainable)
+
+
 def test_full_default_vit_b16_step_on_cpu():
     """The paper's recipe as the defaults: ViT-B/16, 280 px with gap 4, 20 visible / 176 targets, projector,
     3-block cross-attention decoder with visual cues, PatchDisc + R; one optimizer step and EMA update, batch 2."""
@@ -231,10 +339,10 @@ def test_full_default_vit_b16_step_on_cpu():
     torch.manual_seed(0)
     model = lm.LatentMIM(args)
     assert (model.encoder.embed_dim, len(model.encoder.blocks), model.patch, model.crop) == (768, 12, 16, 280)
-    assert (model.num_visible, model.num_patches, model.loss_kind, model.sim_weight) == (20, 196, "patchdisc", 0.1)
+    assert (model.num_visible, model.num_patches, model.loss_kind, model.sim_weight) == (20, 196, "patchdisc", 0.05)
     assert model.proj[3].weight.shape == (4096, 4096) and len(model.decoder.blocks) == 3
     assert model.decoder.kind == "cross-cues" and model.decoder.embed.out_features == 512
-    opt = build_adamw(model, 0.05, 1e-4)
+    opt = build_adamw(model, 0.05, 1e-4, lm.no_weight_decay)
     loss, metrics = model(torch.randn(2, 3, 280, 280), step_rng(2))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)

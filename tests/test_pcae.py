@@ -1,11 +1,11 @@
-"""Tests of pcae.py: the seed's S(x) and T(x; k) against hand computations, token counts, absolute ids, the teacher
+"""Tests of pcae.py: the paper's S(x) and T(x; k) against hand computations, token counts, absolute ids, the teacher
 (masked patches only, exact copy, no gradient, EMA), the loss, a short training run, --vis, --bench, flag errors."""
 import json, math
 
 import pytest
 import torch
 
-from common import StepRandom, UserError, build_vit, load_checkpoint, patchify
+from common import StepRandom, UserError, build_adamw, build_vit, load_checkpoint, patchify
 import pcae
 from pcae import PCAE, compress_tokens, cosine_loss, kept_count, similarity_scores, standardize, token_counts
 
@@ -150,6 +150,35 @@ def test_teacher_exact_copy_no_gradient_and_ema():
     expected = 0.75 * before[w] + 0.25 * model.student.state_dict()[w]
     assert torch.allclose(model.teacher.state_dict()[w], expected, atol=1e-6)
     assert not torch.equal(model.teacher.state_dict()[w], before[w])
+
+
+def test_no_weight_decay_names():
+    """The public code's groups (timm 0.5.4 add_weight_decay on the student + decoder): weight decay 0 on biases and
+    LayerNorm weights, 0.05 on every other trainable parameter, cls and mask tokens included; the frozen teacher is in
+    no group (it is a separate model there) and the position embeddings are buffers."""
+    args = pcae.build_parser().parse_args(["--data", "synthetic"])
+    torch.manual_seed(0)
+    model = pcae.build_model(args)  # ViT-B/16 student and teacher, decoder 8 x 512
+    optimizer = build_adamw(model, args.weight_decay, 1e-4, pcae.no_weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert set(groups) == {0.05, 0.0}
+    block_biases = ["norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
+                    "mlp.fc1.bias", "mlp.fc2.bias"]
+    block_weights = ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
+    no_decay = ({"student.patch_embed.proj.bias", "student.norm.weight", "student.norm.bias", "decoder_embed.bias",
+                 "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.bias"}
+                | {f"student.blocks.{i}.{k}" for i in range(12) for k in block_biases}
+                | {f"decoder_blocks.{i}.{k}" for i in range(8) for k in block_biases})
+    decay = ({"student.patch_embed.proj.weight", "student.cls_token", "decoder_embed.weight", "mask_token",
+              "decoder_pred.weight"}
+             | {f"student.blocks.{i}.{k}" for i in range(12) for k in block_weights}
+             | {f"decoder_blocks.{i}.{k}" for i in range(8) for k in block_weights})
+    assert groups[0.0] == no_decay and len(no_decay) == 12 * 8 + 8 * 8 + 7
+    assert groups[0.05] == decay and len(decay) == 12 * 4 + 8 * 4 + 5
+    teacher = {n for n in names.values() if n.startswith("teacher.")}
+    assert len(teacher) == 12 * 12 + 5 and not teacher & (groups[0.0] | groups[0.05])
+    assert not {n for n, _ in model.named_buffers()} & set(names.values())  # pos_embed, decoder_pos_embed
 
 
 def test_training_lowers_the_loss(tmp_path):

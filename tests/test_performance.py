@@ -56,6 +56,40 @@ def test_training_flops_are_about_three_forwards():
     assert 2.9 * forward < train < 3.0 * forward
 
 
+def test_vit_base_forward_flops_count_attention_on_cpu():
+    """Closed form of the ViT-B/16 forward at 224 px (N = 197 tokens, D = 768), on the real CPU kernels (torch counts
+    the fused CPU attention op as 0 on its own): per block 2 x (12 N D^2 + 2 N^2 D), i.e. qkv 6 N D^2, proj 2 N D^2,
+    MLP 16 N D^2, Q K^T and P V 2 N^2 D each; plus the patch embedding 2 x 196 x (16 x 16 x 3) x 768. Not counted:
+    the final LayerNorm (the encoder has no head), norms, softmax, GELU, residual additions."""
+    vit = common.build_vit("base").eval()
+    n, d = 197, 768
+    attention = 12 * 2 * (2 * n * n * d)
+    closed_form = 12 * 2 * (12 * n * d * d + 2 * n * n * d) + 2 * 196 * (16 * 16 * 3) * 768
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad():
+        flops = common.count_flops(lambda: vit(torch.zeros(1, 3, 224, 224)))
+        with FlopCounterMode(display=False) as plain:  # torch alone: everything but the attention
+            vit(torch.zeros(1, 3, 224, 224))
+    assert flops == closed_form == 35_126_120_448
+    assert plain.get_total_flops() == closed_form - attention  # what the bench printed before (33.7 GFLOP)
+
+
+def test_attention_flops_forward_backward_as_torch_counts_cuda():
+    """One fused CPU attention call, forward + backward, B = 2, H = 3, N = 7 queries, M = 5 keys, d = 8: forward
+    2 B H N M (d + d) = 6 720, backward 2 B H N M (3 d + 2 d) = 16 800 (torch's CUDA formulas, which count the
+    recomputed scores); under the math backend torch counts the forward bmms itself and the total is the same."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+    q, k, v = (torch.randn(2, 3, s, 8, requires_grad=True) for s in (7, 5, 5))
+    forward = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    both = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert (forward, both - forward) == (6_720, 16_800)
+    assert both == sdpa_flop_count(q.shape, k.shape, v.shape) + sdpa_backward_flop_count(q.shape, q.shape, k.shape,
+                                                                                          v.shape)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # attention as two bmms, counted by torch: no double count
+        assert common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 6_720
+
+
 def test_mfu_and_rates_arithmetic(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "device_peak_flops", lambda device: 1e12)
     dist = common.Dist("cpu")

@@ -1,10 +1,11 @@
-"""SemMAE: the seed's equations against hand values, the masking algorithm against a per-image loop, part maps that
+"""SemMAE: the paper's equations against hand values, the masking algorithm against a per-image loop, part maps that
 follow the augmentation, and both stages end to end on tiny synthetic data."""
 import json
 import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import semmae
@@ -46,6 +47,14 @@ def test_alpha_schedule_first_and_last_epoch():
     assert semmae.alpha_for_epoch(args, 0) == 15 / 16 and semmae.alpha_for_epoch(args, 3) == 0.0
     args.alpha_schedule = "const1"
     assert semmae.alpha_for_epoch(args, 0) == 1.0
+    # the official engine's lines, as alpha = 1 - mask_lambda with T = 4: its commented-out 'reverse' mask_lambda = t/T
+    # is `reverse` with --gamma 1; its first upload's cosine line is `cosine`
+    args.alpha_schedule, args.gamma = "reverse", 1.0
+    assert [semmae.alpha_for_epoch(args, e) for e in range(4)] == [3 / 4, 1 / 2, 1 / 4, 0.0]
+    args.alpha_schedule = "cosine"
+    half_sqrt2 = 0.5 * math.sqrt(0.5)  # cos(pi / 4) / 2
+    assert [semmae.alpha_for_epoch(args, e) for e in range(4)] == pytest.approx([0.5 - half_sqrt2, 0.5,
+                                                                                0.5 + half_sqrt2, 1.0])
 
 
 def test_part_mask_counts_settings():
@@ -68,7 +77,7 @@ def test_part_mask_counts_settings():
 def reference_masking(part_ids, mask_ratio, alpha, num_parts, generator):
     """The official algorithm, one image at a time with Python lists (same random draws)."""
     b, n = part_ids.shape
-    visible_count, budget = int(n * (1 - mask_ratio)), n - int(n * (1 - mask_ratio))
+    visible_count = int(n * (1 - mask_ratio))
     perm_all = torch.rand(b, n, generator=generator).argsort(1)
     order_all = torch.rand(b, num_parts, generator=generator).argsort(1)
     out = []
@@ -79,7 +88,8 @@ def reference_masking(part_ids, mask_ratio, alpha, num_parts, generator):
         n1 = [torch.round(torch.tensor(mask_ratio * a)) for a in sizes]
         n2, used = [0] * num_parts, 0
         for k in order_all[img].tolist():  # whole parts in random order until the budget is spent
-            n2[k] = min(sizes[k], max(0, budget - used))
+            room = torch.tensor(n * mask_ratio) - used  # official: float L*r minus the long sizes -> float32 tensor
+            n2[k] = min(sizes[k], max(0, int(room)))  # .to(torch.long): truncation
             used += sizes[k]
         counts = [int(torch.round((1 - alpha) * n1[k].float() + alpha * torch.tensor(float(n2[k]))))
                   for k in range(num_parts)]
@@ -93,14 +103,41 @@ def reference_masking(part_ids, mask_ratio, alpha, num_parts, generator):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.8, 1.0])
-def test_semantic_guided_masking_matches_reference(alpha):
+@pytest.mark.parametrize("ratio", [0.75, 0.9])  # 49 * 0.9 = 44.1: floor 44, not 49 - int(49 * 0.1) = 45
+def test_semantic_guided_masking_matches_reference(alpha, ratio):
     g = torch.Generator().manual_seed(1)
     part_ids = torch.randint(0, 4, (6, 49), generator=g)  # part 4 of 5 is empty
     part_ids[0, :30] = 0  # a dominant part
-    vis, msk = semmae.semantic_guided_masking(part_ids, 0.75, alpha, torch.Generator().manual_seed(7), num_parts=5)
-    ref = reference_masking(part_ids, 0.75, alpha, 5, torch.Generator().manual_seed(7))
+    vis, msk = semmae.semantic_guided_masking(part_ids, ratio, alpha, torch.Generator().manual_seed(7), num_parts=5)
+    ref = reference_masking(part_ids, ratio, alpha, 5, torch.Generator().manual_seed(7))
     for img, (rv, rm) in enumerate(ref):
         assert sorted(vis[img].tolist()) == rv and sorted(msk[img].tolist()) == rm
+
+
+def test_setting2_budget_is_official_floor_at_ratio_09(monkeypatch):
+    # L = 196, r = 0.9: the official setting 2 masks floor(176.4) = 176; 196 - int(196 * 0.1) = 177 is off by one
+    assert semmae.setting2_budget(196, 0.9) == 176 and 196 - int(196 * (1 - 0.9)) == 177
+    assert semmae.setting2_budget(196, 0.75) == 147 and semmae.setting2_budget(49, 0.75) == 36
+    # float32 like the official expression: 100 * 0.29 = 28.999999999999996 as a double, 29.0 as float32
+    assert semmae.setting2_budget(100, 0.29) == 29 and math.floor(100 * 0.29) == 28
+    assert semmae.setting2_budget(torch.tensor([[196], [100]]), 0.9).tolist() == [[176], [90]]
+    sizes = torch.tensor([[50, 40, 36, 30, 20, 20], [100, 60, 20, 10, 5, 1]])  # L = 196 each
+    for seed in range(10):
+        n2 = semmae.part_mask_counts(sizes, 0.9, 1.0, torch.Generator().manual_seed(seed))
+        assert n2.sum(1).tolist() == [176, 176] and (n2 <= sizes).all()
+    # inside semantic_guided_masking: setting 2 gets 176, then exactly int(196 * 0.1) = 19 patches stay visible
+    seen, counts = [], semmae.part_mask_counts
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["budget"], counts(*args, **kwargs)))
+        return seen[-1][1]
+    monkeypatch.setattr(semmae, "part_mask_counts", spy)
+    part_ids = torch.randint(0, 6, (4, 196), generator=torch.Generator().manual_seed(0))
+    vis, msk = semmae.semantic_guided_masking(part_ids, 0.9, 1.0, torch.Generator().manual_seed(1), num_parts=6)
+    assert seen[0][0] == 176 and seen[0][1].sum(1).tolist() == [176] * 4
+    assert vis.shape == (4, 19) and msk.shape == (4, 177)
+    model = semmae.SemMAE(build_vit("micro", img_size=32), 4, 0.9, dec_dim=32, dec_depth=1, dec_heads=2)
+    assert model.budget == 14  # L = 16: floor(14.4), where 16 - int(1.6) = 15
 
 
 def test_visible_count_exact_for_every_alpha():
@@ -176,7 +213,7 @@ def test_stage_a_lowers_loss():
     model = semmae.PartLearner(build_vit("micro", img_size=32), num_parts=4, channels=32)
     base = build_dataset("synthetic", "train", size=32, length=8)
     imgs = torch.stack([semmae.part_transform(32, False)(base.load(i)[0]) for i in range(8)])
-    opt = build_adamw(model, 0.05, 3e-3)
+    opt = build_adamw(model, 0.05, 3e-3, semmae.no_weight_decay)
     losses = []
     for _ in range(12):
         loss, metrics = model(imgs)
@@ -186,6 +223,62 @@ def test_stage_a_lowers_loss():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+class FixedTeacher(nn.Module):
+    """Stands in for a ViT teacher: always the same tokens [B, 1+L, D]."""
+    def __init__(self, tokens, grid, img_size):
+        super().__init__()
+        self.register_buffer("tokens", tokens)
+        self.embed_dim, self.grid_size, self.config = tokens.shape[-1], grid, {"img_size": img_size}
+
+    def forward(self, imgs):
+        return self.tokens.expand(imgs.shape[0], -1, -1)
+
+
+def test_part_ids_from_fp32_maps_under_autocast():
+    # part tokens p0 = (0, 2, 0, 0), p1 = (0, 2.002, 0, 0), p2 = 0; cls = e_0, patch l = (0, 1 + l/16, 0, 0):
+    # logits s_l, 1.001 s_l, 0 -> part 1 wins every patch by a hair; in bf16 2.002 rounds to 2, p0 = p1 exactly,
+    # and argmax would take part 0 on the tie
+    patches = torch.zeros(16, 4)
+    patches[:, 1] = 1 + torch.arange(16) / 16
+    tokens = torch.cat([torch.tensor([[1.0, 0, 0, 0]]), patches])[None]  # [1, 17, 4]
+    model = semmae.PartLearner(FixedTeacher(tokens, 4, 16), num_parts=3, channels=8)
+    with torch.no_grad():
+        model.part_tokens.weight.zero_()
+        model.part_tokens.bias.copy_(torch.tensor([0, 2, 0, 0, 0, 2.002, 0, 0, 0, 0, 0, 0]))
+    imgs = torch.zeros(2, 3, 16, 16)
+    fp32 = model.maps(imgs)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cls, maps = model.maps(imgs)
+        ids = maps.argmax(1)  # as extract_parts
+    assert maps.dtype == torch.float32 and cls.dtype == torch.float32
+    assert torch.equal(ids, torch.ones(2, 4, 4, dtype=torch.long)) and torch.equal(fp32.argmax(1), ids)
+    assert torch.allclose(maps, fp32) and torch.allclose(maps.sum(1), torch.ones(2, 4, 4))  # blurred softmax
+
+
+def test_no_weight_decay_names():
+    args = semmae.build_parser().parse_args(["pretrain", "--data", "synthetic"])
+    torch.manual_seed(0)
+    encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)  # ViT-B/16, 224 px
+    model = semmae.SemMAE(encoder, 6, args.mask_ratio, args.decoder_dim, args.decoder_depth, args.decoder_heads,
+                          args.norm_pix_loss)
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
+             "mlp.fc1.bias", "mlp.fc2.bias"]
+    expected = ({f"encoder.blocks.{i}.{n}" for i in range(12) for n in block} |
+                {f"decoder_blocks.{i}.{n}" for i in range(8) for n in block} |
+                {"encoder.patch_embed.proj.bias", "encoder.norm.weight", "encoder.norm.bias", "decoder_embed.bias",
+                 "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.bias"})
+    names = dict(model.named_parameters())
+    skipped = {n for n, p in names.items() if semmae.no_weight_decay(n, p)}
+    assert skipped == expected and len(expected) == 12 * 8 + 8 * 8 + 7
+    decayed = set(names) - skipped  # cls and mask tokens, patch embedding, every Linear weight
+    assert {"encoder.cls_token", "mask_token", "encoder.patch_embed.proj.weight"} <= decayed
+    assert len(decayed) == 3 + 20 * 4 + 2  # + qkv, proj, fc1, fc2 weights per block, decoder_embed, decoder_pred
+    assert "encoder.pos_embed" not in names and "decoder_pos_embed" not in names  # fixed sin-cos buffers
+    groups = build_adamw(model, 0.05, 1e-4, semmae.no_weight_decay).param_groups
+    by_id = {id(p): n for n, p in names.items()}
+    assert {g["weight_decay"]: {by_id[id(p)] for p in g["params"]} for g in groups} == {0.05: decayed, 0.0: expected}
 
 
 def test_stage_a_writes_parts_that_stage_b_reads(tmp_path):
@@ -228,7 +321,7 @@ def test_stage_b_steps_lower_loss():
     base = build_dataset("synthetic", "train", size=32, length=8)
     imgs = torch.stack([semmae.part_transform(32, False)(base.load(i)[0]) for i in range(8)])
     part_ids = torch.randint(0, 4, (8, 16), generator=torch.Generator().manual_seed(0))
-    opt = build_adamw(model, 0.05, 2e-3)
+    opt = build_adamw(model, 0.05, 2e-3, semmae.no_weight_decay)
     model.alpha.fill_(0.5)
     losses = []
     for step in range(15):
