@@ -1,7 +1,22 @@
-"""Shared pieces of the three pretraining scripts and eval_probe.py: the ViT, patches and masks, data, distributed
-setup, schedules, checkpoints and logging. Nothing here is specific to one method.
+"""Shared pieces of semmae.py, latent_mim.py, pcae.py and eval_probe.py. Nothing here is specific to one method.
 
-Reproducibility design (what makes kill/resume and DDP == one process exact):
+Part 1, what a reader of the papers needs:
+   1. position embeddings           MAE's fixed 2-D sin-cos table (integer grid positions, all three methods)
+   2. the ViT                       pre-LN blocks, stochastic depth, the encoder with the common parameter names
+   3. patches, masks, randomness    patchify, gather, random masking, per-token standardisation, StepRandom
+   4. the MAE-style decoder         mask tokens at the ids to predict (SemMAE, PCAE, Latent MIM's 'self' decoder)
+   5. schedules and the EMA update  warmup + half-cosine, momentum schedule, teacher <- EMA of the student
+Part 2, plumbing:
+   6. data                          ImageFolder, synthetic shapes, transforms, seeded samples, resumable order
+   7. processes and precision       torchrun layout, bf16 autocast, gathering rows of all processes
+   8. checkpoints                   atomic save, weights-only load, public ViT checkpoints
+   9. optimizer                     AdamW with a weight-decay rule per method
+  10. logging and MFU               non-finite guard, progress and log.jsonl, FLOP counting
+  11. arguments and errors          the flags every script shares, one-line errors
+  12. the training run              the small state object and helpers that each method file's loop calls
+  13. benchmark                     --bench / --profile and the data-loader benchmark
+
+Reproducibility (what makes kill/resume and DDP == one process exact):
 - the data order of epoch e is a permutation seeded by (seed, e); optimizer step s, accumulation micro-step a and
   rank r always read the same slice of it (`ResumableSampler`), and a resumed epoch starts at the saved slice;
 - each sample's augmentation is seeded by (seed, epoch, index), so it does not depend on workers or processes;
@@ -17,26 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-# ----------------------------------------------------------------------------------------------------------- errors
-class UserError(Exception):
-    """A problem with the user's input (paths, flags, files): printed as one line, exit code 2, no traceback."""
+# =====================================================================================================================
+# Part 1: what a reader of the papers needs
+# =====================================================================================================================
 
 
-def run_main(main, parser):
-    """Parse flags and run `main(args)`. User errors become a one-line message and exit code 2, a non-finite loss
-    exit code 3 (no traceback: the message says what to fix)."""
-    args = parser.parse_args()
-    try:
-        main(args)
-    except (UserError, FloatingPointError) as e:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
-            bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 3)
-
-
-# -------------------------------------------------------------------------------------------- position embeddings
+# ------------------------------------------------------------------------------------------ 1. position embeddings
 def get_1d_sincos_pos_embed(embed_dim, pos):
     """omega_d = 1 / 10000^(d / (D/2)), d = 0..D/2-1;  emb(pos) = [sin(pos * omega), cos(pos * omega)]  -> [M, D]"""
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
@@ -45,8 +46,9 @@ def get_1d_sincos_pos_embed(embed_dim, pos):
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
-    """MAE's fixed 2-D sin-cos table [grid_size**2 (+1), embed_dim], row-major over the patch grid. As in MAE, the
-    first half of the channels encodes the column (x) and the second half the row (y); the cls row is zeros."""
+    """MAE's fixed 2-D sin-cos table [grid_size**2 (+1), embed_dim], row-major over the patch grid, at the integer
+    positions 0..g-1 (as MAE; the official Latent MIM code spaces them as k g / (g - 1), this project uses MAE's for
+    all three methods). The first half of the channels encodes the column (x), the second the row (y); cls row zero."""
     assert embed_dim % 4 == 0, "sin-cos position embeddings need embed_dim divisible by 4"
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)], 1)
@@ -55,7 +57,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     return emb.float()
 
 
-# --------------------------------------------------------------------------------------------------------------- ViT
+# ---------------------------------------------------------------------------------------------------------- 2. ViT
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
@@ -80,10 +82,11 @@ class Mlp(nn.Module):
 
 def drop_path(x, p, training, u=None):
     """Stochastic depth: zero a residual branch per sample with probability p, scale the rest by 1/(1-p).
-    u [B]: the samples' uniform numbers (from a StepRandom, see `run_blocks`); torch.rand when None."""
+    u [B]: the samples' uniform numbers, drawn by `run_blocks` from the step's StepRandom."""
     if p == 0.0 or not training:
         return x
-    u = torch.rand(x.shape[0], device=x.device) if u is None else u  # [B]
+    if u is None:
+        raise ValueError("stochastic depth in training needs its uniforms (run the blocks with run_blocks(..., rng))")
     keep = (u >= p).to(x.dtype) / (1.0 - p)
     return x * keep.view(-1, *([1] * (x.ndim - 1)))
 
@@ -103,11 +106,13 @@ class Block(nn.Module):
 
 
 def run_blocks(blocks, x, rng=None):
-    """x through a stack of Blocks. Their stochastic depth is drawn from `rng` (a StepRandom, so it is the same
-    however the batch is split) in ONE draw before the loop: the blocks themselves then contain no generator call,
-    which would break the graph of torch.compile in every block."""
+    """x through a stack of Blocks. Their stochastic depth is drawn from `rng` (the step's StepRandom, so it is the
+    same however the batch is split) in ONE draw before the loop: the blocks then contain no generator call, which
+    would break torch.compile's graph in every block."""
     noise = None
-    if rng is not None and any(b.drop_path > 0 and b.training for b in blocks):
+    if any(b.drop_path > 0 and b.training for b in blocks):
+        if rng is None:
+            raise ValueError("these blocks use stochastic depth: pass the step's rng")
         noise = rng.rand(len(blocks), 2)  # [B, depth, 2]
     for i, blk in enumerate(blocks):
         x = blk(x, None if noise is None else noise[:, i])
@@ -139,9 +144,9 @@ class ViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  drop_path_rate=0.0):
         super().__init__()
-        if img_size % patch_size:
+        if patch_size < 1 or img_size < 1 or img_size % patch_size:
             raise UserError(f"image size {img_size} is not divisible by the patch size {patch_size}")
-        if embed_dim % num_heads:
+        if num_heads < 1 or embed_dim % num_heads:
             raise UserError(f"{num_heads} heads do not divide the width {embed_dim}")
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
@@ -202,85 +207,23 @@ class ViT(nn.Module):
         return self.norm(self.forward_blocks(self.embed(imgs, ids)))
 
 
+def preset_patch_size(model, patch_size=None):
+    """The patch size of a preset (or the override): the one lookup every script uses before building a model."""
+    if model not in VIT_PRESETS:
+        raise UserError(f"unknown model {model!r}; choose from {', '.join(VIT_PRESETS)}")
+    return patch_size or VIT_PRESETS[model][3]
+
+
 def build_vit(name, **overrides):
     """ViT preset by name ('tiny' .. 'huge', 'micro' for tests); keyword arguments override the preset."""
-    if name not in VIT_PRESETS:
-        raise UserError(f"unknown model {name!r}; choose from {', '.join(VIT_PRESETS)}")
+    preset_patch_size(name)  # a clear error for an unknown name
     dim, depth, heads, patch = VIT_PRESETS[name]
     kw = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return ViT(**kw)
 
 
-ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
-
-
-def encoder_state_dict(state):
-    """Keep the ViT encoder keys of a state dict (drops decoders, heads, mask tokens, fc_norm)."""
-    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
-
-
-def vit_config_from_state_dict(state):
-    """Infer the ViT constructor arguments from the shapes of an encoder state dict (public checkpoints)."""
-    try:
-        w = state["patch_embed.proj.weight"]  # [D, C, p, p]
-        dim, chans, patch = w.shape[0], w.shape[1], w.shape[2]
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-        grid = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // patch
-    except (KeyError, ValueError, IndexError, AttributeError) as e:
-        raise UserError(f"not a ViT encoder state dict (missing {e})") from None
-    # shapes do not give the head count: take it from the preset of the same width and depth, else 64-wide heads
-    heads = next((h for d, n, h, _ in VIT_PRESETS.values() if (d, n) == (dim, depth)), max(dim // 64, 1))
-    return dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth, num_heads=heads,
-                mlp_ratio=hidden / dim)
-
-
-STATE_DICT_KEYS = ("encoder", "teacher", "target_encoder", "model", "state_dict", "student", "module", "net")
-STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "student.", "teacher.", "model.")
-
-
-def strip_prefixes(state):
-    """Remove wrapper prefixes (module., _orig_mod., backbone., encoder., ...) however they are stacked."""
-    out = {}
-    for k, v in state.items():
-        while k.startswith(STRIP_PREFIXES):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def find_encoder_state(ckpt):
-    """The ViT encoder state dict inside a checkpoint of this project or a public one (MAE, DINO, iBOT, timm)."""
-    candidates = [ckpt] + [ckpt[k] for k in STATE_DICT_KEYS if isinstance(ckpt.get(k), dict)]
-    for cand in candidates:
-        state = strip_prefixes({k: v for k, v in cand.items() if torch.is_tensor(v)})
-        if "patch_embed.proj.weight" in state:
-            return encoder_state_dict(state)
-    return None
-
-
-def load_vit(path, num_heads=None):
-    """Rebuild the encoder of any checkpoint: this project's format (encoder + encoder_args) or a public ViT with the
-    common key names (architecture inferred from the shapes; `num_heads` overrides the inferred head count, which
-    shapes cannot tell). Strict: every encoder key must match."""
-    ckpt = load_checkpoint(path)
-    if isinstance(ckpt.get("encoder_args"), dict) and isinstance(ckpt.get("encoder"), dict):
-        config, state = ckpt["encoder_args"], ckpt["encoder"]
-    else:
-        state = find_encoder_state(ckpt)
-        if state is None:
-            raise UserError(f"{path} contains no ViT encoder (no patch_embed.proj.weight under "
-                            f"{', '.join(STATE_DICT_KEYS)})")
-        config = vit_config_from_state_dict(state)
-    if num_heads:
-        config = {**config, "num_heads": num_heads}
-    vit = ViT(**config)
-    load_state(vit, state, "the encoder", path)
-    return vit
-
-
-# ---------------------------------------------------------------------------------------------- patches and masks
+# --------------------------------------------------------------------------------- 3. patches, masks, randomness
 def patchify(imgs, patch_size):
     """[B, C, H, W] -> [B, L, p*p*C], patches row-major, pixels in (p, q, c) order as in MAE."""
     return rearrange(imgs, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
@@ -305,6 +248,13 @@ def random_masking(noise, num_visible):
     return order[:, :num_visible], order[:, num_visible:]
 
 
+def standardize_tokens(x, eps=1e-6):
+    """Per token over channels, no affine: x <- (x - mean) / sqrt(var + 1e-6), with the unbiased variance as torch's
+    .var() and the official codes (MAE's norm_pix_loss targets, PCAE's and Latent MIM's latent targets). [..., C]."""
+    x = x.float()
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + eps).sqrt()
+
+
 def mix_seed(*values):
     """Combine integers into one 63-bit seed (splitmix64-style), so that (seed, step) pairs never collide."""
     h = 0x9E3779B97F4A7C15
@@ -318,7 +268,8 @@ class StepRandom:
     """Model-side randomness of one optimizer step (masks, jitter, drop path). Every draw is made for the whole
     optimizer-step batch from a generator seeded by (seed, step) and this process / micro-step keeps its rows, so the
     result does not depend on the number of processes, on accumulation, or on a resume in between. Every process
-    must make the same sequence of draws."""
+    must make the same sequence of draws. rows=None: a local generator whose draws have exactly the given shape
+    (figures, evaluation, tests)."""
     def __init__(self, seed, step, device, rows=None, global_batch=None):
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(mix_seed(seed, step))
@@ -331,7 +282,7 @@ class StepRandom:
 
     @torch.compiler.disable  # a generator cannot be traced: run the draw eagerly, keep the graph around it
     def _take(self, draw, shape):
-        if self.rows is None:  # local use (eval, visualisation): shape includes the batch
+        if self.rows is None:  # local use: shape includes the batch
             return draw(shape)
         return draw((self.global_batch, *shape))[self.rows]
 
@@ -343,7 +294,79 @@ class StepRandom:
         return self._take(lambda s: torch.randint(high, s, generator=self.gen, device=self.device), shape)
 
 
-# ------------------------------------------------------------------------------------------------------------ data
+# ------------------------------------------------------------------------------------------- 4. MAE-style decoder
+class MAEDecoder(nn.Module):
+    """MAE's decoder, given the encoder tokens [cls, visible] and the ids of the patches to predict: embed the tokens
+    to the decoder width, append one shared mask token per query, add fixed sin-cos positions (cls at a zero
+    position, every other token at its own patch), run the blocks, norm, and map the queries to `out_dim`.
+    Attention is permutation-equivariant, so adding each token's own position replaces MAE's unshuffle.
+    make_block: the block constructor (Latent MIM's cross-attention decoder reuses the rest with its own blocks)."""
+    def __init__(self, enc_dim, grid_size, out_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16, drop_path=0.0,
+                 mask_token_std=0.02, make_block=None):
+        super().__init__()
+        make_block = make_block or (lambda: Block(decoder_dim, decoder_heads, 4.0, drop_path))
+        self.embed = nn.Linear(enc_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(decoder_dim, grid_size, cls_token=True)[None],
+                             persistent=False)  # fixed [1, 1+L, Dd]; rebuilt from the config, not saved
+        self.blocks = nn.ModuleList(make_block() for _ in range(decoder_depth))
+        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.head = nn.Linear(decoder_dim, out_dim)
+        self.apply(init_weights_mae)
+        if mask_token_std > 0:  # MAE: normal(0.02); the official Latent MIM code keeps it at zero
+            nn.init.normal_(self.mask_token, std=mask_token_std)
+
+    def positions(self, batch, ids, dtype):
+        """[B, N] patch ids -> their fixed decoder positions [B, N, Dd]."""
+        return gather_tokens(self.pos_embed[:, 1:].to(dtype).expand(batch, -1, -1), ids)
+
+    def forward(self, latent, vis_ids, query_ids, rng=None):
+        """latent [B, 1+V, D] encoder tokens (cls first) of patches vis_ids [B, V]; query_ids [B, Q] -> [B, Q, out]."""
+        b, q = latent.shape[0], query_ids.shape[1]
+        x = self.embed(latent)  # [B, 1+V, Dd]
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(b, q, -1)], dim=1)  # [B, 1+V+Q, Dd]
+        pos = self.positions(b, torch.cat([vis_ids, query_ids], dim=1), x.dtype)  # [B, V+Q, Dd]
+        x = x + torch.cat([self.pos_embed[:, :1].to(x.dtype).expand(b, -1, -1), pos], dim=1)
+        x = run_blocks(self.blocks, x, rng)
+        return self.head(self.norm(x[:, -q:]))  # LayerNorm is per token: slice first
+
+
+# ----------------------------------------------------------------------------------- 5. schedules and the EMA update
+def cosine_schedule(t, total, start, end):
+    """Half-cosine from `start` at t = 0 to `end` at t = total:  end + (start - end) * 0.5 * (1 + cos(pi t / T))."""
+    t = min(max(t, 0.0), total)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t / max(total, 1e-12)))
+
+
+def warmup_cosine(t, total, warmup, peak, start_frac=0.0, end_frac=0.0):
+    """Linear warmup from start_frac * peak to peak over `warmup`, then half-cosine to end_frac * peak at `total`.
+    t, total and warmup in the same unit (fractional epochs in the scripts), so resume needs no scheduler state."""
+    if t < warmup:
+        return peak * (start_frac + (1.0 - start_frac) * t / warmup)
+    return cosine_schedule(t - warmup, total - warmup, peak, peak * end_frac)
+
+
+def ema_momentum(t, total, base):
+    """Teacher momentum rising from `base` to 1 on a cosine:  m(t) = 1 - 0.5 (1 + cos(pi t / T)) (1 - base)."""
+    return cosine_schedule(t, total, base, 1.0)
+
+
+@torch.no_grad()
+def ema_update(target, online, momentum):
+    """q <- m q + (1 - m) p for every parameter pair (same architecture), as one fused op over the flat lists."""
+    tp, op = list(target.parameters()), list(online.parameters())
+    if len(tp) != len(op):
+        raise ValueError("EMA needs two networks of the same architecture")
+    if tp:
+        torch._foreach_lerp_(tp, op, 1.0 - momentum)  # q + (1 - m)(p - q) == m q + (1 - m) p
+
+
+# =====================================================================================================================
+# Part 2: plumbing
+# =====================================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------- 6. data
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -364,6 +387,12 @@ def eval_transform(size):
                                                antialias=True),
                        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def denormalize(imgs):
+    """ImageNet-normalised images [..., 3, H, W] -> pixel values in [0, 1], on the CPU, for figures."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (imgs.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
 class ImageFolder:
@@ -448,11 +477,10 @@ class SyntheticShapes:
         return (img.clamp(0, 1) * 255).to(torch.uint8), label
 
 
-def build_dataset(data, split, args=None, size=64, length=2048, seed=0):
-    """'synthetic' -> SyntheticShapes (val uses another seed and a quarter of the length); else ImageFolder(data/split)."""
+def build_dataset(data, split, size=64, length=2048, seed=0):
+    """'synthetic' -> SyntheticShapes of `size` px: `length` images seeded by `seed` for train, a quarter of them
+    seeded by seed + 1 for val; else ImageFolder(data/split) (size, length and seed unused)."""
     if data == "synthetic":
-        if args is not None:
-            size, length, seed = args.input_size, args.synthetic_size, args.seed
         return SyntheticShapes(size, length if split == "train" else max(length // 4, 1), seed + (split != "train"))
     root = Path(data)
     if not root.is_dir():
@@ -534,21 +562,23 @@ def make_loader(dataset, batch_size, num_workers, sampler=None, shuffle=False, d
         generator=torch.Generator().manual_seed(0))  # own generator: iterating never touches the global RNG
 
 
-# ----------------------------------------------------------------------------------------------------- distributed
+# ---------------------------------------------------------------------------------- 7. processes and precision
+def pick_device(name="auto"):
+    """'auto': this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU; or 'cpu' / 'cuda'."""
+    cuda = torch.cuda.is_available() if name in (None, "auto") else name == "cuda"
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+
+
 class Dist:
     """Process layout, detected from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): one code path for CPU,
     one GPU and torchrun on one or several nodes; gloo on CPU, nccl on CUDA."""
     def __init__(self, device=None):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        cuda = torch.cuda.is_available() if device in (None, "auto") else device == "cuda"
-        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
-        if cuda:
+        self.device = pick_device(device)
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True  # for the fp32 matmuls left outside autocast
-            torch.backends.cudnn.allow_tf32 = True
         if self.world > 1 and not torch_dist.is_initialized():
-            torch_dist.init_process_group("nccl" if cuda else "gloo")
+            torch_dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             atexit.register(self.close)
 
     @property
@@ -574,6 +604,25 @@ class Dist:
             torch_dist.destroy_process_group()
 
 
+def gather_rows(dist, x, n):
+    """Every process holds rows rank::world of an n-row tensor (a Subset(range(rank, n, world)) of the data); returns
+    all n rows, in index order, on every process."""
+    if dist.world == 1:
+        return x
+    per = -(-n // dist.world)
+    padded = x.new_zeros(per, *x.shape[1:])  # the same shape on every process
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(dist.world)]
+    torch_dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).flatten(0, 1)[:n]  # row j of rank r is index j * world + r
+
+
+def set_precision_flags():
+    """TF32 for the fp32 matmuls and convolutions left outside bf16 autocast (CUDA only); set once at start-up."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device):
     """bf16 autocast on CUDA (no GradScaler needed), full fp32 on CPU."""
     if device.type == "cuda":
@@ -581,64 +630,7 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def unwrap(model):
-    """The plain module inside DDP and/or torch.compile wrappers (its state_dict has clean keys)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# ---------------------------------------------------------------------------------------------------------- schedules
-def cosine_schedule(t, total, start, end):
-    """Half-cosine from `start` at t = 0 to `end` at t = total:  end + (start - end) * 0.5 * (1 + cos(pi t / T))."""
-    t = min(max(t, 0.0), total)
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t / max(total, 1e-12)))
-
-
-def warmup_cosine(t, total, warmup, peak, start_frac=0.0, end_frac=0.0):
-    """Linear warmup from start_frac * peak to peak over `warmup`, then half-cosine to end_frac * peak at `total`.
-    t, total and warmup in the same unit (fractional epochs in the scripts), so resume needs no scheduler state."""
-    if t < warmup:
-        return peak * (start_frac + (1.0 - start_frac) * t / warmup)
-    return cosine_schedule(t - warmup, total - warmup, peak, peak * end_frac)
-
-
-def ema_momentum(t, total, base):
-    """Teacher momentum rising from `base` to 1 on a cosine:  m(t) = 1 - 0.5 (1 + cos(pi t / T)) (1 - base)."""
-    return cosine_schedule(t, total, base, 1.0)
-
-
-@torch.no_grad()
-def ema_update(target, online, momentum):
-    """q <- m q + (1 - m) p for every parameter pair (same architecture)."""
-    tp, op = list(target.parameters()), list(online.parameters())
-    if len(tp) != len(op):
-        raise ValueError("EMA needs two networks of the same architecture")
-    if tp:
-        torch._foreach_lerp_(tp, op, 1.0 - momentum)  # q + (1 - m)(p - q) == m q + (1 - m) p
-
-
-def param_groups(model, weight_decay, no_decay):
-    """AdamW groups: weight decay on every trainable parameter except those where no_decay(name, param) is True.
-    Each method passes its own official code's rule (a small predicate next to its optimizer line)."""
-    decay, skip = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (skip if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
-
-
-def build_adamw(model, weight_decay, lr, no_decay, betas=(0.9, 0.95)):
-    """AdamW (MAE betas) over param_groups. fused=True: one kernel for all parameters, the same update as the for-each
-    version up to rounding (about 3x faster on CPU for ViT-B: 687 vs 2041 ms per step, and faster on CUDA)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay, no_decay), lr=lr, betas=betas, fused=True)
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-# -------------------------------------------------------------------------------------------------------- checkpoints
+# -------------------------------------------------------------------------------------------------- 8. checkpoints
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, fsync, then rename over `path`, so a kill never leaves a broken checkpoint."""
     path = Path(path)
@@ -666,7 +658,7 @@ def load_checkpoint(path):
 
 
 def load_training_checkpoint(path, method):
-    """A checkpoint that TrainRun wrote for `method` (model, optimizer, position), else a UserError naming it."""
+    """A checkpoint that a TrainRun wrote for `method` (model, optimizer, position), else a UserError naming it."""
     ckpt = load_checkpoint(path)
     if ckpt.get("method") != method or "model" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a {method} training checkpoint (method: {ckpt.get('method')})")
@@ -701,7 +693,202 @@ def check_output_dir(path):
     return path
 
 
-# ------------------------------------------------------------------------------------------------------ performance
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+STATE_DICT_KEYS = ("encoder", "teacher", "target_encoder", "model", "state_dict", "student", "module", "net")
+STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "student.", "teacher.", "model.")
+
+
+def strip_prefixes(state):
+    """Remove wrapper prefixes (module., _orig_mod., backbone., encoder., ...) however they are stacked."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(STRIP_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def find_encoder_state(ckpt):
+    """The ViT encoder state dict inside a checkpoint of this project or a public one (MAE, DINO, iBOT, timm): the
+    ViT keys only (decoders, heads, mask tokens and fc_norm dropped)."""
+    candidates = [ckpt] + [ckpt[k] for k in STATE_DICT_KEYS if isinstance(ckpt.get(k), dict)]
+    for cand in candidates:
+        state = strip_prefixes({k: v for k, v in cand.items() if torch.is_tensor(v)})
+        if "patch_embed.proj.weight" in state:
+            return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    return None
+
+
+def vit_config_from_state_dict(state):
+    """Infer the ViT constructor arguments from the shapes of an encoder state dict (public checkpoints)."""
+    try:
+        w = state["patch_embed.proj.weight"]  # [D, C, p, p]
+        dim, chans, patch = w.shape[0], w.shape[1], w.shape[2]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // patch
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"not a ViT encoder state dict (missing {e})") from None
+    # shapes do not give the head count: take it from the preset of the same width and depth, else 64-wide heads
+    heads = next((h for d, n, h, _ in VIT_PRESETS.values() if (d, n) == (dim, depth)), max(dim // 64, 1))
+    return dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth, num_heads=heads,
+                mlp_ratio=hidden / dim)
+
+
+def load_vit(path, num_heads=None):
+    """Rebuild the encoder of any checkpoint: this project's format (encoder + encoder_args) or a public ViT with the
+    common key names (architecture inferred from the shapes; `num_heads` overrides the inferred head count, which
+    shapes cannot tell). Strict: every encoder key must match."""
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt.get("encoder_args"), dict) and isinstance(ckpt.get("encoder"), dict):
+        config, state = ckpt["encoder_args"], ckpt["encoder"]
+    else:
+        state = find_encoder_state(ckpt)
+        if state is None:
+            raise UserError(f"{path} contains no ViT encoder (no patch_embed.proj.weight under "
+                            f"{', '.join(STATE_DICT_KEYS)})")
+        config = vit_config_from_state_dict(state)
+    if num_heads:
+        config = {**config, "num_heads": num_heads}
+    vit = ViT(**config)
+    load_state(vit, state, "the encoder", path)
+    return vit
+
+
+# ---------------------------------------------------------------------------------------------------- 9. optimizer
+def param_groups(model, weight_decay, no_decay):
+    """AdamW groups: weight decay on every trainable parameter except those where no_decay(name, param) is True.
+    Each method passes its own official code's rule (a small predicate next to its optimizer line)."""
+    decay, skip = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (skip if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
+
+
+def build_adamw(model, weight_decay, lr, no_decay, betas=(0.9, 0.95)):
+    """AdamW (MAE betas) over param_groups. fused=True: one kernel for all parameters, the same update as the for-each
+    version up to rounding (about 3x faster on CPU for ViT-B: 687 vs 2041 ms per step, and faster on CUDA)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay, no_decay), lr=lr, betas=betas, fused=True)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------- 10. logging and MFU
+class NonFiniteGuard:
+    """Stops training on a NaN / inf loss without a host sync per step: the finiteness flag of step t is copied to
+    pinned memory asynchronously and read at step t + 1 (or at `flush`, before every checkpoint)."""
+    def __init__(self):
+        self.pending = None
+
+    def check(self, loss, step):
+        flag = torch.isfinite(loss.detach()).all()
+        event = None
+        if flag.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        previous, self.pending = self.pending, (flag, event, step)
+        if previous is not None:
+            self._raise_if_bad(*previous)
+
+    def flush(self):
+        if self.pending is not None:
+            self._raise_if_bad(*self.pending)
+            self.pending = None
+
+    @staticmethod
+    def _raise_if_bad(flag, event, step):
+        if event is not None:
+            event.synchronize()  # waits for step t only, while step t + 1 is already queued
+        if not bool(flag):
+            raise FloatingPointError(f"non-finite loss at step {step}; training stopped, the checkpoint on disk is "
+                                     f"the last good one")
+
+
+class StepLogger:
+    """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps,
+    when the progress bar shows their means with images/s, the data-loading share of the time and MFU (when
+    `flops_per_image` is set and the device's peak is known). `epoch_summary` appends a JSON line per epoch."""
+    def __init__(self, dist, output_dir, every=20, total_steps=None):
+        self.dist, self.every, self.total_steps = dist, every, total_steps
+        self.log_path = Path(output_dir) / "log.jsonl"
+        self.bad_seen, self.bad_in_epoch = set(), 0
+        self.flops_per_image, self.peak = None, device_peak_flops(dist.device)
+        self.bar = None  # made at the first step, which may follow a resume
+        self.start_epoch()
+
+    def start_epoch(self):
+        self.sums, self.count, self.images, self.data_time = {}, 0, 0, 0.0
+        self.bad_in_epoch, self.t0 = 0, time.perf_counter()
+        self.interval_images, self.interval_data, self.t_interval = 0, 0.0, self.t0
+
+    def rates(self, images, data_time, seconds):
+        """images/s over all processes, share of the time spent waiting for data, and MFU per device."""
+        out = {"images_per_s": images * self.dist.world / max(seconds, 1e-9), "data_share": data_time / max(seconds, 1e-9)}
+        if self.flops_per_image and self.peak:
+            out["mfu"] = self.flops_per_image * out["images_per_s"] / self.dist.world / self.peak
+        return out
+
+    def note_bad(self, bad, dataset):
+        """bad: CPU tensor of indices of unreadable files in the batch (-1 where fine); reports each file once."""
+        for i in bad[bad >= 0].tolist():
+            self.bad_in_epoch += 1
+            if i not in self.bad_seen:
+                self.bad_seen.add(i)
+                print(f"warning: skipped unreadable image {dataset.path(i)}", file=sys.stderr, flush=True)
+
+    def update(self, step, metrics, images, data_time):
+        """metrics: dict of 0-d tensors (kept on device) or floats; logs every `every` steps. step: steps done."""
+        for k, v in metrics.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count, self.images, self.data_time = self.count + 1, self.images + images, self.data_time + data_time
+        self.interval_images, self.interval_data = self.interval_images + images, self.interval_data + data_time
+        if self.bar is None and self.dist.is_main and self.total_steps:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total_steps, initial=step - 1, dynamic_ncols=True, mininterval=1.0)
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.every == 0:  # the only host sync of the loop: once per log interval
+                shown = self.means()
+                now = time.perf_counter()
+                shown.update(self.rates(self.interval_images, self.interval_data, now - self.t_interval))
+                self.interval_images, self.interval_data, self.t_interval = 0, 0.0, now
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def means(self, all_ranks=False):
+        """Means since the epoch started (over all processes with all_ranks: a collective, every rank must call)."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        sums = torch.stack([self.sums[k].to(self.dist.device) for k in keys]) / max(self.count, 1)
+        if all_ranks:
+            self.dist.all_reduce_mean(sums)
+        return dict(zip(keys, sums.tolist()))
+
+    def epoch_summary(self, epoch, **extra):
+        elapsed = time.perf_counter() - self.t0
+        row = {"epoch": epoch, **self.means(all_ranks=True), **self.rates(self.images, self.data_time, elapsed),
+               "data_time_s": self.data_time, "step_time_s": elapsed - self.data_time, "epoch_time_s": elapsed,
+               "bad_images": self.bad_in_epoch, **extra}
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.dist.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        self.start_epoch()
+        return row
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
                    "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}  # dense
 
@@ -749,220 +936,26 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def time_steps(step_fn, device, steps=10, warmup=3):
-    """Mean wall time of step_fn() in seconds after warm-up (CUDA-synchronised around the timed loop only),
-    plus the peak CUDA memory in GiB (None on CPU)."""
-    for _ in range(warmup):
-        step_fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step_fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - t0) / steps
-    memory = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return seconds, memory
+# ------------------------------------------------------------------------------------------ 11. arguments and errors
+class UserError(Exception):
+    """A problem with the user's input (paths, flags, files): printed as one line, exit code 2, no traceback."""
 
 
-def bench_report(name, seconds, batch, flops_per_image, device, memory=None):
-    """One line (and a dict) with ms/step, images/s, GFLOP/image and MFU against the device's dense bf16 peak."""
-    peak = device_peak_flops(device)
-    row = {"bench": name, "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-           "batch": batch, "ms_per_step": 1e3 * seconds, "images_per_s": batch / seconds,
-           "gflop_per_image": flops_per_image / 1e9,
-           "mfu": flops_per_image * batch / seconds / peak if peak else None, "peak_mem_gib": memory}
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None),
-          flush=True)
-    return row
+def run_main(main, parser):
+    """Start-up of every script: parse the flags, set the precision flags, run `main(args)`. User errors become a
+    one-line message and exit code 2, a non-finite loss exit code 3 (no traceback: the message says what to fix)."""
+    args = parser.parse_args()
+    set_precision_flags()
+    try:
+        main(args)
+    except (UserError, FloatingPointError) as e:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
+            bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 3)
 
 
-PROFILE_LABELS = ("masking", "encoder", "teacher", "decoder", "loss", "backward", "optimizer", "ema")
-
-
-def benchmark(cases, device, steps=10, compile=False, profile=False, seed=0):
-    """--bench of every script: times the real optimizer step of each case on tensors already on the device (no data
-    loader) after warm-up; several cases run interleaved step by step in one process, so that a busy machine slows
-    them alike, and the median step is reported. FLOPs per image are counted on the eager model.
-    cases: {name: (model, inputs, optimizer, after_step or None)}, model(inputs[0], rng, *inputs[1:]) -> (loss, _).
-    profile=True also prints where the time of a step goes, by the record_function labels of PROFILE_LABELS that the
-    models put around their parts (masking, encoder, teacher, decoder, loss) and around backward / optimizer / EMA."""
-    from torch.profiler import record_function
-    counter = iter(range(10 ** 9))
-    compiled = {n: (torch.compile(c[0]) if compile else c[0]) for n, c in cases.items()}
-
-    def forward_backward(model, inputs):
-        batch = inputs[0].shape[0]
-        rng = StepRandom(seed, next(counter), device, slice(0, batch), batch)
-        with autocast(device):
-            loss, _ = model(inputs[0], rng, *inputs[1:])
-        with record_function("backward"):
-            loss.backward()
-
-    def make_step(name):
-        model, inputs, optimizer, after_step = cases[name]
-
-        def step():
-            forward_backward(compiled[name], inputs)
-            with record_function("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if after_step is not None:
-                with record_function("ema"):
-                    after_step()
-        return step
-
-    flops_per_image, times, memory = {}, {n: [] for n in cases}, {}
-    step_fns = {n: make_step(n) for n in cases}
-    for name, (model, inputs, optimizer, _) in cases.items():
-        flops_per_image[name] = count_flops(lambda: forward_backward(model, inputs)) / inputs[0].shape[0]
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(2):  # warm-up (allocator, autotuning, compilation)
-            step_fns[name]()
-    for _ in range(steps):
-        for name in cases:
-            seconds, memory[name] = time_steps(step_fns[name], device, steps=1, warmup=0)
-            times[name].append(seconds)
-    rows = {}
-    for name, (_, inputs, _, _) in cases.items():
-        median = sorted(times[name])[len(times[name]) // 2]
-        rows[name] = bench_report(name, median, inputs[0].shape[0], flops_per_image[name], device, memory[name])
-        if profile:
-            rows[name]["profile_ms"] = profile_step(step_fns[name], device)
-    return rows
-
-
-def profile_step(step_fn, device, steps=3):
-    """ms per step under each PROFILE_LABELS label (device time on CUDA, CPU time otherwise), printed and returned."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step_fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = {e.key: e for e in prof.key_averages()}
-    total_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    out = {k: getattr(events[k], total_key) / 1e3 / steps for k in PROFILE_LABELS if k in events}
-    print("  profile (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()), flush=True)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------------ logging
-class NonFiniteGuard:
-    """Stops training on a NaN / inf loss without a host sync per step: the finiteness flag of step t is copied to
-    pinned memory asynchronously and read at step t + 1 (or at `flush`, before every checkpoint)."""
-    def __init__(self):
-        self.pending = None
-
-    def check(self, loss, step):
-        flag = torch.isfinite(loss.detach()).all()
-        event = None
-        if flag.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            flag = host
-        previous, self.pending = self.pending, (flag, event, step)
-        if previous is not None:
-            self._raise_if_bad(*previous)
-
-    def flush(self):
-        if self.pending is not None:
-            self._raise_if_bad(*self.pending)
-            self.pending = None
-
-    @staticmethod
-    def _raise_if_bad(flag, event, step):
-        if event is not None:
-            event.synchronize()  # waits for step t only, while step t + 1 is already queued
-        if not bool(flag):
-            raise FloatingPointError(f"non-finite loss at step {step}; training stopped, the checkpoint on disk is "
-                                     f"the last good one")
-
-
-class StepLogger:
-    """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps,
-    when the progress bar shows their means with images/s, the data-loading share of the time and MFU (when
-    `flops_per_image` is set and the device's peak is known). `epoch_summary` appends a JSON line per epoch."""
-    def __init__(self, dist, output_dir, every=20, total_steps=None, initial=0):
-        self.dist, self.every = dist, every
-        self.log_path = Path(output_dir) / "log.jsonl"
-        self.bad_seen, self.bad_in_epoch = set(), 0
-        self.flops_per_image, self.peak = None, device_peak_flops(dist.device)
-        self.bar = None
-        if dist.is_main and total_steps:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True, mininterval=1.0)
-        self.start_epoch()
-
-    def start_epoch(self):
-        self.sums, self.count, self.images, self.data_time = {}, 0, 0, 0.0
-        self.bad_in_epoch, self.t0 = 0, time.perf_counter()
-        self.interval_images, self.interval_data, self.t_interval = 0, 0.0, self.t0
-
-    def rates(self, images, data_time, seconds):
-        """images/s over all processes, share of the time spent waiting for data, and MFU per device."""
-        out = {"images_per_s": images * self.dist.world / max(seconds, 1e-9), "data_share": data_time / max(seconds, 1e-9)}
-        if self.flops_per_image and self.peak:
-            out["mfu"] = self.flops_per_image * out["images_per_s"] / self.dist.world / self.peak
-        return out
-
-    def note_bad(self, bad, dataset):
-        """bad: CPU tensor of indices of unreadable files in the batch (-1 where fine); reports each file once."""
-        for i in bad[bad >= 0].tolist():
-            self.bad_in_epoch += 1
-            if i not in self.bad_seen:
-                self.bad_seen.add(i)
-                print(f"warning: skipped unreadable image {dataset.path(i)}", file=sys.stderr, flush=True)
-
-    def update(self, step, metrics, images, data_time):
-        """metrics: dict of 0-d tensors (kept on device) or floats; logs every `every` steps."""
-        for k, v in metrics.items():
-            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count, self.images, self.data_time = self.count + 1, self.images + images, self.data_time + data_time
-        self.interval_images, self.interval_data = self.interval_images + images, self.interval_data + data_time
-        if self.bar is not None:
-            self.bar.update(1)
-            if step % self.every == 0:  # the only host sync of the loop: once per log interval
-                shown = self.means()
-                now = time.perf_counter()
-                shown.update(self.rates(self.interval_images, self.interval_data, now - self.t_interval))
-                self.interval_images, self.interval_data, self.t_interval = 0, 0.0, now
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-
-    def means(self, all_ranks=False):
-        """Means since the epoch started (over all processes with all_ranks: a collective, every rank must call)."""
-        keys = sorted(self.sums)
-        if not keys:
-            return {}
-        sums = torch.stack([self.sums[k].to(self.dist.device) for k in keys]) / max(self.count, 1)
-        if all_ranks:
-            self.dist.all_reduce_mean(sums)
-        return dict(zip(keys, sums.tolist()))
-
-    def epoch_summary(self, epoch, **extra):
-        elapsed = time.perf_counter() - self.t0
-        row = {"epoch": epoch, **self.means(all_ranks=True), **self.rates(self.images, self.data_time, elapsed),
-               "data_time_s": self.data_time, "step_time_s": elapsed - self.data_time, "epoch_time_s": elapsed,
-               "bad_images": self.bad_in_epoch, **extra}
-        if self.dist.is_main:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.dist.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        self.start_epoch()
-        return row
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ------------------------------------------------------------------------------------------------------- arguments
 def add_common_args(parser):
     """Flags shared by the three pretraining scripts; each script sets its paper's defaults with set_defaults."""
     a = parser.add_argument
@@ -1009,23 +1002,12 @@ def check_common_args(args):
         raise UserError("--num-workers, --save-every and --max-steps must be non-negative")
 
 
-# ------------------------------------------------------------------------------------------------------- training run
+# -------------------------------------------------------------------------------------------- 12. the training run
 class TrainRun:
-    """Plumbing of a pretraining run, shared by the three scripts: process layout, data in resumable order,
-    automatic resume, atomic checkpoints, the non-finite guard and logging. The loop itself (forward, loss,
-    backward, optimizer and EMA steps) is written out in each method file:
-
-        ddp_model = run.prepare(model, optimizer, encoder)        # resumes from output_dir/checkpoint.pth
-        for epoch in run.epochs():
-            for step in run.steps():
-                set_lr(optimizer, run.lr())
-                for micro, (imgs, labels), rng in run.micro_batches():
-                    with run.no_sync(ddp_model, micro), autocast(run.device):
-                        loss, metrics = ddp_model(imgs, rng)
-                    run.backward(loss)                              # (loss / accum).backward(), summed for the log
-                optimizer.step(); optimizer.zero_grad(set_to_none=True)
-                run.end_step(metrics)                               # guard, log, --save-every
-    """
+    """One pretraining run: where it is (epoch, global step, micro-batches of the epoch done; saved in every checkpoint
+    and restored by `resume`) and the plumbing that the loop in each method file calls, in this order: `resume`,
+    `wrap`, then per epoch `epoch_batches` and `steps`, per step `lr`, `next_batch` / `step_random` / `no_sync` for
+    each micro-batch, `step_done`, and `save` / `end_epoch`. It acts only when called."""
     def __init__(self, args, method, dataset):
         self.args, self.method, self.dataset = args, method, dataset
         self.dist = Dist(args.device)
@@ -1039,82 +1021,117 @@ class TrainRun:
         self.effective_batch = a.batch_size * d.world * a.accum
         self.peak_lr = a.lr if a.lr is not None else a.blr * self.effective_batch / 256
         self.epoch = self.chunk = self.step = 0  # chunk: micro-batches of the current epoch already trained
-        self.current_lr, self.data_time, self.stopped, self.step_loss = 0.0, 0.0, False, None
+        self.current_lr, self.data_time = 0.0, 0.0
         self.guard = NonFiniteGuard()
+        self.logger = StepLogger(d, self.out, a.log_every, self.total_steps)
         d.print(f"{method}: {len(dataset)} images, {self.steps_per_epoch} steps/epoch, effective batch "
                 f"{self.effective_batch}, lr {self.peak_lr:.3g}, device {self.device}, {d.world} process(es)")
 
-    def prepare(self, model, optimizer, encoder):
-        """Resume if a checkpoint exists, then compile (optional) and wrap in DDP. Returns the model to call."""
-        self.model, self.optimizer, self.encoder = model, optimizer, encoder
-        if self.dist.is_main:  # temporary files of a save that was killed half-way
+    def resume(self, model, optimizer):
+        """Continue from --resume, or from output-dir/checkpoint.pth when there is one: weights (teachers included),
+        optimizer state and position. Temporary files of a save that was killed half-way are removed first."""
+        if self.dist.is_main:
             for stale in self.out.glob(".checkpoint*.pth.tmp*"):
                 stale.unlink(missing_ok=True)
         path = Path(self.args.resume) if self.args.resume else self.out / "checkpoint.pth"
-        if self.args.resume or path.is_file():
-            self._resume(path)
-        self.logger = StepLogger(self.dist, self.out, self.args.log_every, self.total_steps, self.step)
+        if not (self.args.resume or path.is_file()):
+            return
+        ckpt = load_training_checkpoint(path, self.method)
+        load_state(model, ckpt["model"], "the model", path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: the optimizer state does not match this model ({e})") from None
+        self.epoch, self.chunk, self.step = ckpt["epoch"], ckpt["chunk"], ckpt["step"]
+        self.dist.print(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+
+    def wrap(self, model):
+        """The model to call in the loop: torch.compile'd (--compile), then DDP-wrapped on several processes."""
         wrapped = torch.compile(model) if self.args.compile else model  # compile before the DDP wrap
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
         return wrapped
 
-    def _resume(self, path):
-        ckpt = load_training_checkpoint(path, self.method)
-        load_state(self.model, ckpt["model"], "the model", path)
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: the optimizer state does not match this model ({e})") from None
-        self.epoch, self.chunk, self.step = ckpt["epoch"], ckpt["chunk"], ckpt["step"]
-        self.dist.print(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
-
-    def epochs(self):
-        while self.epoch < self.args.epochs and not self.stopped:
-            self.sampler.epoch, self.sampler.start_chunk = self.epoch, self.chunk
-            yield self.epoch
-            if self.stopped:  # --max-steps reached inside the epoch: save the exact position
-                self.save()
-                break
-            self.epoch, self.chunk = self.epoch + 1, 0
-            self.save()
-            if self.args.keep_every and self.epoch % self.args.keep_every == 0 and self.dist.is_main:
-                save_checkpoint(self.out / f"checkpoint-{self.epoch:04d}.pth", self._state())
-            self.logger.epoch_summary(self.epoch - 1, lr=self.current_lr)
-        self.logger.close()
-        self.dist.barrier()  # rank 0 may still be writing the last checkpoint
+    def epoch_batches(self):
+        """Iterator over this process's micro-batches of the current epoch, from the saved position on."""
+        self.sampler.epoch, self.sampler.start_chunk = self.epoch, self.chunk
+        return iter(self.loader)
 
     def steps(self):
-        self.batches = iter(self.loader)
-        for _ in range(self.chunk // self.args.accum, self.steps_per_epoch):
-            if self.args.max_steps and self.step >= self.args.max_steps:
-                self.stopped = True
-                return
-            yield self.step
+        """The global numbers of the optimizer steps left in the current epoch, ending early at --max-steps."""
+        end = self.step + self.steps_per_epoch - self.chunk // self.args.accum
+        if self.args.max_steps:
+            end = min(end, max(self.args.max_steps, self.step))
+        return range(self.step, end)
 
-    def lr(self, start_frac=0.0, end_frac=0.0):
-        """Learning rate of the current step (warmup + half-cosine over fractional epochs)."""
+    def lr(self, step, start_frac=0.0, end_frac=0.0):
+        """Learning rate of optimizer step `step`: warmup + half-cosine over fractional epochs."""
         a = self.args
-        self.current_lr = warmup_cosine(self.step / self.steps_per_epoch, a.epochs, a.warmup_epochs, self.peak_lr,
+        self.current_lr = warmup_cosine(step / self.steps_per_epoch, a.epochs, a.warmup_epochs, self.peak_lr,
                                         start_frac, end_frac)
         return self.current_lr
 
-    def progress(self):
-        """Fraction of training done, in [0, 1] (for momentum and other schedules)."""
-        return self.step / max(self.total_steps, 1)
+    def next_batch(self, batches):
+        """The next micro-batch's tensors on the device; unreadable files are reported, the wait for data timed."""
+        t0 = time.perf_counter()
+        *tensors, bad = next(batches)
+        self.logger.note_bad(bad, self.dataset.base)
+        tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        self.data_time += time.perf_counter() - t0
+        return tensors
 
-    def micro_batches(self):
-        """Yields (micro, [tensors on device], StepRandom) for the accumulation micro-steps of one optimizer step."""
+    def step_random(self, step, micro):
+        """The model-side randomness of micro-batch `micro` of optimizer step `step` (see StepRandom)."""
         a, d = self.args, self.dist
-        for micro in range(a.accum):
-            t0 = time.perf_counter()
-            *tensors, bad = next(self.batches)
-            self.logger.note_bad(bad, self.dataset.base)
-            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-            self.data_time += time.perf_counter() - t0
-            yield micro, tensors, StepRandom.for_micro_step(a.seed, self.step, micro, a.batch_size, d.world, d.rank,
-                                                            a.accum, self.device)
+        return StepRandom.for_micro_step(a.seed, step, micro, a.batch_size, d.world, d.rank, a.accum, self.device)
+
+    def no_sync(self, ddp_model, micro):
+        """Skip DDP's gradient all-reduce on all but the last accumulation micro-step."""
+        if self.dist.world > 1 and micro < self.args.accum - 1:
+            return ddp_model.no_sync()
+        return contextlib.nullcontext()
+
+    def step_done(self, step, loss, metrics=None):
+        """After optimizer step `step`: the position advances, the loss is checked (one step late, so without a host
+        sync; a non-finite loss stops the run) and the progress bar updated."""
+        self.guard.check(loss, step)
+        self.step, self.chunk = step + 1, self.chunk + self.args.accum
+        logged = {"loss": loss, "lr": self.current_lr, **(metrics or {})}
+        self.logger.update(self.step, logged, self.args.batch_size * self.args.accum, self.data_time)
+        self.data_time = 0.0
+
+    def stopped_in_epoch(self):
+        """True when --max-steps ended the epoch's steps before its end."""
+        return self.chunk < self.steps_per_epoch * self.args.accum
+
+    def end_epoch(self):
+        """The epoch is complete: the position moves to the next epoch's start; one summary line in log.jsonl."""
+        self.epoch, self.chunk = self.epoch + 1, 0
+        self.logger.epoch_summary(self.epoch - 1, lr=self.current_lr)
+
+    def save(self, model, optimizer, encoder):
+        """Write output-dir/checkpoint.pth atomically (rank 0): model, optimizer, position, arguments and the exported
+        `encoder`; at an epoch's start also checkpoint-NNNN.pth every --keep-every epochs. Never after a non-finite
+        loss or with non-finite weights: that stops the run and keeps the last good checkpoint."""
+        self.guard.flush()
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()  # one host read
+        if not finite:
+            raise FloatingPointError(f"non-finite parameters after step {self.step - 1}; training stopped, the "
+                                     f"checkpoint on disk is the last good one")
+        if self.dist.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": self.epoch,
+                     "chunk": self.chunk, "step": self.step, "args": vars(self.args),
+                     **encoder_export(encoder, self.method)}
+            save_checkpoint(self.out / "checkpoint.pth", state)
+            keep = self.args.keep_every
+            if keep and self.chunk == 0 and self.epoch % keep == 0:
+                save_checkpoint(self.out / f"checkpoint-{self.epoch:04d}.pth", state)
+
+    def finish(self):
+        """After the loop: close the progress bar and wait for rank 0's last checkpoint."""
+        self.logger.close()
+        self.dist.barrier()
 
     def measure_flops(self, model, *inputs):
         """Count the FLOPs of one forward + backward of model(inputs[0], rng, *inputs[1:]) per image (inputs: a small
@@ -1129,45 +1146,126 @@ class TrainRun:
         self.logger.flops_per_image = flops / batch
         return self.logger.flops_per_image
 
-    def no_sync(self, ddp_model, micro):
-        """Skip DDP's gradient all-reduce on all but the last accumulation micro-step."""
-        if self.dist.world > 1 and micro < self.args.accum - 1:
-            return ddp_model.no_sync()
-        return contextlib.nullcontext()
 
-    def backward(self, loss):
-        """Backward of one micro-step's loss scaled by 1/accum; the step's mean loss is kept for the guard and log."""
-        (loss / self.args.accum).backward()
-        loss = loss.detach() / self.args.accum
-        self.step_loss = loss if self.step_loss is None else self.step_loss + loss
-
-    def end_step(self, metrics=None):
-        """After optimizer.step(): non-finite check, log, --save-every."""
-        loss, self.step_loss = self.step_loss, None
-        self.guard.check(loss, self.step)
-        self.step, self.chunk = self.step + 1, self.chunk + self.args.accum
-        logged = {"loss": loss, "lr": self.current_lr, **(metrics or {})}
-        self.logger.update(self.step, logged, self.args.batch_size * self.args.accum, self.data_time)
-        self.data_time = 0.0
-        if self.args.save_every and self.step % self.args.save_every == 0:
-            self.save()
-
-    def _state(self):
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-                "chunk": self.chunk, "step": self.step, "args": vars(self.args),
-                **encoder_export(self.encoder, self.method)}
-
-    def save(self):
-        self.guard.flush()  # never write a checkpoint after a non-finite step ...
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()  # one host read
-        if not finite:  # ... or with broken weights
-            raise FloatingPointError(f"non-finite parameters after step {self.step - 1}; training stopped, the "
-                                     f"checkpoint on disk is the last good one")
-        if self.dist.is_main:
-            save_checkpoint(self.out / "checkpoint.pth", self._state())
+# ------------------------------------------------------------------------------------------------- 13. benchmark
+def timed(fn, device):
+    """Wall time of one call of fn() in seconds (CUDA-synchronised) and the peak CUDA memory in GiB (None on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return seconds, torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
-# ------------------------------------------------------------------------------------------------- loader benchmark
+def bench_report(name, seconds, batch, flops_per_image, device, memory=None):
+    """One line (and a dict) with ms/step, images/s, GFLOP/image and MFU against the device's dense bf16 peak."""
+    peak = device_peak_flops(device)
+    row = {"bench": name, "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+           "batch": batch, "ms_per_step": 1e3 * seconds, "images_per_s": batch / seconds,
+           "gflop_per_image": flops_per_image / 1e9,
+           "mfu": flops_per_image * batch / seconds / peak if peak else None, "peak_mem_gib": memory}
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None),
+          flush=True)
+    return row
+
+
+PROFILE_LABELS = ("masking", "encoder", "teacher", "decoder", "loss", "backward", "optimizer", "ema")
+
+
+@contextlib.contextmanager
+def profile_labels(labels):
+    """Label the parts of a model for the profiler from the outside, so that the model code carries no profiler
+    calls: labels {label: (owner, attribute)} wraps owner.attribute (a method of a model, a sub-module's forward, a
+    function of a script module) in record_function(label) while the context is open."""
+    from torch.profiler import record_function
+    saved = []
+    for label, (owner, attr) in labels.items():
+        def labelled(*a, _fn=getattr(owner, attr), _label=label, **kw):
+            with record_function(_label):
+                return _fn(*a, **kw)
+        saved.append((owner, attr, vars(owner).get(attr)))
+        setattr(owner, attr, labelled)
+    try:
+        yield
+    finally:
+        for owner, attr, old in reversed(saved):
+            if old is None:
+                delattr(owner, attr)  # a method of the class again
+            else:
+                setattr(owner, attr, old)
+
+
+def profile_step(step_fn, device, labels, steps=3):
+    """ms per step under each PROFILE_LABELS label (device time on CUDA, CPU time otherwise), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile_labels(labels), profile(activities=activities) as prof:
+        for _ in range(steps):
+            step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = {e.key: e for e in prof.key_averages()}
+    total_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    out = {k: getattr(events[k], total_key) / 1e3 / steps for k in PROFILE_LABELS if k in events}
+    print("  profile (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()), flush=True)
+    return out
+
+
+def benchmark(cases, device, steps=10, compile=False, profile=False, seed=0):
+    """--bench of every script: times the real optimizer step of each case on tensors already on the device (no data
+    loader) after warm-up; several cases run interleaved step by step in one process, so that a busy machine slows
+    them alike, and the median step is reported. FLOPs per image are counted on the eager model.
+    cases: {name: (model, inputs, optimizer, after_step or None, labels)}, model(inputs[0], rng, *inputs[1:]) ->
+    (loss, _); labels: the parts of the step for --profile (see profile_labels), which adds 'backward', 'optimizer'
+    and 'ema' around those parts of the step."""
+    from torch.profiler import record_function
+    compiled = {n: (torch.compile(c[0]) if compile else c[0]) for n, c in cases.items()}
+
+    def forward_backward(model, inputs):
+        batch = inputs[0].shape[0]
+        rng = StepRandom(seed, 0, device, slice(0, batch), batch)  # the same draws every step: timing only
+        with autocast(device):
+            loss, _ = model(inputs[0], rng, *inputs[1:])
+        with record_function("backward"):
+            loss.backward()
+
+    def make_step(name):
+        model, inputs, optimizer, after_step, _ = cases[name]
+
+        def step():
+            forward_backward(compiled[name], inputs)
+            with record_function("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                with record_function("ema"):
+                    after_step()
+        return step
+
+    flops_per_image, times, memory = {}, {n: [] for n in cases}, {}
+    step_fns = {n: make_step(n) for n in cases}
+    for name, (model, inputs, optimizer, _, _) in cases.items():
+        flops_per_image[name] = count_flops(lambda: forward_backward(model, inputs)) / inputs[0].shape[0]
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(2):  # warm-up (allocator, autotuning, compilation)
+            step_fns[name]()
+    for _ in range(steps):
+        for name in cases:
+            seconds, memory[name] = timed(step_fns[name], device)
+            times[name].append(seconds)
+    rows = {}
+    for name, (_, inputs, _, _, labels) in cases.items():
+        median = sorted(times[name])[len(times[name]) // 2]
+        rows[name] = bench_report(name, median, inputs[0].shape[0], flops_per_image[name], device, memory[name])
+        if profile:
+            rows[name]["profile_ms"] = profile_step(step_fns[name], device, labels)
+    return rows
+
+
 def make_jpeg_folder(root, count, seed=0):
     """`count` ImageNet-like JPEGs (about 500 x 375, quality 90, smooth content plus grain) in root/<class>/."""
     from PIL import Image

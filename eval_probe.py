@@ -28,7 +28,6 @@ import argparse, contextlib, json, math, sys, time
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Subset
@@ -37,7 +36,8 @@ from tqdm import tqdm
 from torchvision.transforms import v2
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, UserError, autocast, build_dataset,
-                    eval_transform, image_transform, load_vit, make_loader, mix_seed, run_main, set_lr, warmup_cosine)
+                    eval_transform, gather_rows, image_transform, load_vit, make_loader, mix_seed, run_main, set_lr,
+                    warmup_cosine)
 
 
 # ------------------------------------------------------------------------------------------------------------ LARS
@@ -166,18 +166,6 @@ def extract(vit, imgs, pool):
             feats = vit.norm(x)  # [B, 1+L, D]
             feats = feats[:, 0] if pool == "cls" else feats[:, 1:].mean(1)
     return feats.float()
-
-
-def gather_rows(dist, x, n):
-    """Every process holds rows rank::world of an n-row tensor; returns all n rows, in index order, everywhere."""
-    if dist.world == 1:
-        return x
-    per = -(-n // dist.world)
-    padded = x.new_zeros(per, *x.shape[1:])
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(dist.world)]
-    torch_dist.all_gather(parts, padded)
-    return torch.stack(parts, 1).flatten(0, 1)[:n]  # row j of rank r is index j * world + r
 
 
 def report_bad(bad, dataset):
@@ -393,7 +381,8 @@ def main(args):
     dist = Dist(args.device)
     torch.manual_seed(args.seed)  # the head's init; identical on every process
     vit = load_encoder(args, dist)
-    train_set, val_set = build_dataset(args.data, "train", args), build_dataset(args.data, "val", args)
+    data = dict(size=args.input_size, length=args.synthetic_size, seed=args.seed)  # size etc.: --data synthetic only
+    train_set, val_set = build_dataset(args.data, "train", **data), build_dataset(args.data, "val", **data)
     if list(train_set.classes) != list(val_set.classes):
         raise UserError(f"{args.data}: the train and val splits have different class folders")
     num_classes = len(train_set.classes)

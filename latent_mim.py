@@ -1,11 +1,11 @@
 """Latent MIM: masked image modeling in latent space (Wei, Gupta, Morgado, ECCV 2024, arXiv 2407.15837).
 
 An online ViT encodes a few visible patches (20 of 196); a decoder predicts the latent features that a momentum
-(EMA) copy of the encoder gives to the hidden target patches; the loss compares latents, not pixels. The paper's
-four fixes against collapse and redundancy are all here and all switchable, one flag per ablation table row:
-momentum targets (--target), the PatchDisc loss (--loss), a non-contiguous patch grid with random jitter (--gap)
-plus a high mask ratio (--mask-ratio), the similarity regulariser (--sim-weight), and a cross-attention decoder
-whose queries carry position-weighted visual cues (--decoder, --proj, --decoder-depth).
+(EMA) copy of the encoder gives to the hidden target patches; the loss compares latents, not pixels. The paper names
+four challenges of Latent MIM, each answered by an ablation table; every row is one flag here: "joint online/target
+optimization results in representation collapse" (--target), "direct reconstruction is conducive to trivial
+solutions" (--loss), "effective learning requires low correlation between visible and target patches" (--mask-ratio,
+--gap, --sim-weight), "decoder must be designed for latent reconstruction with latent conditioning" (--decoder, --proj).
 Official code: github.com/yibingwei-1/LatentMIM (models_lmim.py, vits.py, xvits.py, main_lmim.py).
 
     torchrun --nproc_per_node=8 latent_mim.py --data /imagenet          # the paper's ImageNet recipe (defaults)
@@ -18,13 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from torch.profiler import record_function
-
-from common import (VIT_PRESETS, Attention, Block, Dist, Mlp, SeededDataset, StepRandom, TrainRun, UserError,
-                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
-                    check_common_args, cosine_schedule, ema_momentum, ema_update, gather_tokens,
-                    get_2d_sincos_pos_embed, image_transform, init_weights_mae, mix_seed, patchify, pretrain_transform,
-                    random_masking, run_blocks, run_main, set_lr, IMAGENET_MEAN, IMAGENET_STD)
+from common import (Attention, MAEDecoder, Mlp, SeededDataset, StepRandom, TrainRun, UserError, add_bench_args,
+                    add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
+                    cosine_schedule, denormalize, ema_momentum, ema_update, gather_tokens, image_transform,
+                    init_weights_mae, mix_seed, patchify, pick_device, preset_patch_size, pretrain_transform,
+                    random_masking, run_main, set_lr, standardize_tokens)
 
 METHOD = "latent_mim"
 TARGETS = ("momentum", "shared-stopgrad", "independent", "joint")
@@ -35,19 +33,20 @@ DECODERS = ("self", "cross", "cross-cues")
 # ------------------------------------------------------------------------------------ non-contiguous grid, masking
 def gap_patchify(imgs, patch_size, gap, offsets=None, rng=None):
     """[B, C, H, W] with H = gh (p + gap), W = gw (p + gap) -> [B, gh gw, p*p*C] (patchify's (p, q, c) order).
-    The image is cut into cells of p + gap pixels; from each cell one p x p patch is cropped at offset (oy, ox), each
-    uniform in {0..gap-1} per image, cell and axis, so neighbouring patches are 1..2 gap - 1 pixels apart.
-    offsets [B, L, 2] (row, column) if given; else drawn from rng (a per-micro-batch StepRandom: training) or from
-    torch's global generator (tests, figures). gap = 0 is plain `patchify`."""
+    The paper's non-contiguous grid: the image is cut into cells of p + gap pixels; from each cell one p x p patch is
+    cropped at offset (oy, ox), each uniform in {0..gap-1} per image, cell and axis, so neighbouring patches are
+    1..2 gap - 1 pixels apart. offsets [B, L, 2] (row, column), or drawn from rng (the step's StepRandom).
+    gap = 0 is plain `patchify`."""
     B, C, H, W = imgs.shape
     cell = patch_size + gap
     if H % cell or W % cell:
         raise ValueError(f"image {H}x{W} is not a grid of {patch_size}+{gap} pixel cells")
     if gap == 0:
         return patchify(imgs, patch_size)
-    L = (H // cell) * (W // cell)
     if offsets is None:
-        offsets = rng.randint(gap, L, 2) if rng is not None else torch.randint(gap, (B, L, 2), device=imgs.device)
+        if rng is None:
+            raise ValueError("gap_patchify needs the patch offsets or the rng to draw them from")
+        offsets = rng.randint(gap, (H // cell) * (W // cell), 2)  # [B, L, 2]
     cells = rearrange(imgs, "b c (h s) (w t) -> b (h w) (s t) c", s=cell, t=cell)  # [B, L, cell*cell, C]
     i = torch.arange(patch_size, device=imgs.device)
     rows, cols = offsets[..., :1] + i, offsets[..., 1:] + i  # [B, L, p] pixel rows / columns inside each cell
@@ -80,10 +79,8 @@ def latent_loss(pred, target, kind, tau=0.2, delta=1.0):
     Delta_Huber = 1/2 Delta_L2 if Delta_L2 < delta^2 else delta (Delta_L1 - delta/2),
     Delta_PatchDisc: see `patch_discrimination_loss`.
     (decision) Huber per channel, e = z^_kc - z_kc: 1/2 e^2 if |e| < delta else delta (|e| - delta/2), summed over
-    channels c as L1 and L2 are. Read on the whole vector, as printed, it cannot be what was trained: targets are
-    standardised per token (768 channels of variance 1), Delta_L2 < 1 needs an RMS error below 0.04 per channel, so
-    the quadratic branch is never taken, Huber = L1 - delta/2 has L1's gradient, and the paper's Huber row (NN 24.3)
-    could not differ from its L1 row (15.2)."""
+    channels c as L1 and L2 are. On the whole vector of 768 standardised channels, Delta_L2 < 1 needs an RMS error
+    below 0.04: the quadratic branch would never be taken, and Huber (NN 24.3) could not differ from L1 (15.2)."""
     if kind == "patchdisc":
         return patch_discrimination_loss(pred, target, tau)
     diff = pred.float() - target.float()  # [B, T, D]
@@ -102,12 +99,6 @@ def pred_to_unit(pred, eps=1e-4):
     positions, x^ <- (x^ - mean_t) / (std_t + 1e-4). [B, T, D] -> [B, T, D]."""
     pred = pred.float()
     return (pred - pred.mean(1, keepdim=True)) / (pred.std(1, keepdim=True) + eps)
-
-
-def standardize_tokens(z, eps=1e-6):
-    """Regression targets as in the official 'norm_l2': per token (z - mean) / sqrt(var + 1e-6) over channels."""
-    z = z.float()
-    return (z - z.mean(-1, keepdim=True)) / (z.var(-1, keepdim=True) + eps).sqrt()
 
 
 def mean_pairwise_cosine(z):
@@ -172,46 +163,32 @@ class CrossBlock(nn.Module):
         return q + self.mlp(self.norm3(q))
 
 
-class LatentDecoder(nn.Module):
-    """Predicts the target latents [B, T, D] from the online outputs [cls, z_V]. kind: 'self' = MAE-style self-
-    attention over [cls, z_V + p_V, m + p_T]; 'cross' = cross-attention blocks with queries m + p_t and fixed
-    keys/values [cls, z_V + p_V]; 'cross-cues' = 'cross' with the visual-cue queries (the paper's decoder)."""
-    def __init__(self, kind, enc_dim, grid_size, dim=512, depth=3, num_heads=16):
-        super().__init__()
-        self.kind = kind
-        self.embed = nn.Linear(enc_dim, dim)
-        # fixed [1, 1+L, d], cls zero. (decision) MAE's integer positions k = 0..g-1, as for all three methods
-        # here; official Latent MIM uses k g / (g - 1) (a linspace)
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(dim, grid_size, True)[None], persistent=False)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # zero init, as in the official code
-        if kind == "self":
-            self.blocks = nn.ModuleList(Block(dim, num_heads) for _ in range(depth))
-        else:  # a decoder query token (zero position) is prepended to the queries and dropped at the end
-            self.query_token = nn.Parameter(torch.zeros(1, 1, dim))
-            self.blocks = nn.ModuleList(CrossBlock(dim, num_heads) for _ in range(depth))
-        self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, enc_dim)
-        self.apply(init_weights_mae)
-        if kind != "self":
-            nn.init.normal_(self.query_token, std=0.02)
+class CrossDecoder(MAEDecoder):
+    """The paper's cross-attention decoder (decoder table): the target queries attend to themselves and to fixed
+    keys / values [cls, z_V + p_V] (the same in every block). Queries m + p_t ('cross') or the visual-cue queries
+    m_i = m + p_t + Softmax(P_T P_V^T / sqrt(d)) Z_V ('cross-cues'), after a query token (zero position) dropped at
+    the end. Embedding, mask token (zero init, as the official code), positions, norm and head are MAEDecoder's."""
+    def __init__(self, enc_dim, grid_size, decoder_dim=512, decoder_depth=3, decoder_heads=16, cues=True):
+        super().__init__(enc_dim, grid_size, enc_dim, decoder_dim, decoder_depth, decoder_heads, mask_token_std=0.0,
+                         make_block=lambda: CrossBlock(decoder_dim, decoder_heads))
+        self.cues = cues
+        self.query_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        nn.init.normal_(self.query_token, std=0.02)  # after the other weights: their random draws keep their order
 
-    def forward(self, z, vis_ids, tgt_ids):
-        x = self.embed(z)  # [B, 1+V, d]: embedded cls and visible features Z_V (no position yet)
-        B, T = tgt_ids.shape
-        pos = self.pos_embed.expand(B, -1, -1)  # [B, 1+L, d], fp32
-        p_v, p_t = gather_tokens(pos[:, 1:], vis_ids), gather_tokens(pos[:, 1:], tgt_ids)  # [B, V, d], [B, T, d]
-        kv = x + torch.cat([pos[:, :1], p_v], 1).to(x.dtype)  # [B, 1+V, d], the same for every block
-        if self.kind == "cross-cues":
+    def forward(self, latent, vis_ids, query_ids, rng=None):
+        """latent [B, 1+V, D] online tokens (cls first) of patches vis_ids [B, V]; query_ids [B, T] -> [B, T, D]."""
+        x = self.embed(latent)  # [B, 1+V, d]: embedded cls and visible features Z_V (no position yet)
+        b, table = x.shape[0], self.pos_embed.dtype  # the visual cues read the fp32 position table
+        p_v, p_t = self.positions(b, vis_ids, table), self.positions(b, query_ids, table)  # [B, V, d], [B, T, d]
+        kv = x + torch.cat([self.pos_embed[:, :1].expand(b, -1, -1), p_v], 1).to(x.dtype)  # [B, 1+V, d]
+        if self.cues:
             q = visual_cue_queries(self.mask_token, p_t, p_v, x[:, 1:])  # [B, T, d], fp32
         else:
             q = self.mask_token.to(x.dtype) + p_t.to(x.dtype)
-        if self.kind == "self":
-            out = run_blocks(self.blocks, torch.cat([kv, q], 1))[:, -T:]  # over [B, 1+V+T, d]
-        else:
-            q = torch.cat([self.query_token.to(q.dtype).expand(B, -1, -1), q], 1)  # [B, 1+T, d]
-            for blk in self.blocks:
-                q = blk(q, kv)
-            out = q[:, 1:]
-        return self.head(self.norm(out))  # [B, T, D]
+        q = torch.cat([self.query_token.to(q.dtype).expand(b, -1, -1), q], 1)  # [B, 1+T, d]
+        for blk in self.blocks:
+            q = blk(q, kv)
+        return self.head(self.norm(q[:, 1:]))  # [B, T, D]
 
 
 def build_projector(dim, hidden):
@@ -224,80 +201,95 @@ def build_projector(dim, hidden):
 
 # ------------------------------------------------------------------------------------------------------------ model
 class LatentMIM(nn.Module):
-    def __init__(self, args):
+    """Online encoder + projector, a target encoder (`target`, collapse table), a decoder (`decoder`, decoder table)
+    and the latent loss (`loss`, loss table) plus the similarity regulariser R (`sim_weight`, gamma set per step)."""
+    def __init__(self, model="base", patch_size=None, input_size=224, gap=4, mask_ratio=0.9, target="momentum",
+                 proj="mlp", proj_dim=4096, decoder="cross-cues", decoder_dim=512, decoder_depth=3, decoder_heads=16,
+                 loss="patchdisc", tau=0.2, huber_delta=1.0, pred2unit=True, sim_weight=0.05, gamma=0.75):
         super().__init__()
-        self.encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+        if target not in TARGETS or decoder not in DECODERS or loss not in LOSSES:
+            raise ValueError(f"unknown target, decoder or loss: {target!r}, {decoder!r}, {loss!r}")
+        self.encoder = build_vit(model, patch_size=patch_size, img_size=input_size)
         D, self.patch, self.grid = self.encoder.embed_dim, self.encoder.patch_size, self.encoder.grid_size
-        self.gap, self.crop = args.gap, self.grid * (self.patch + args.gap)
+        self.gap, self.crop = gap, self.grid * (self.patch + gap)
         self.num_patches = self.grid ** 2
-        self.num_visible = num_visible(self.num_patches, args.mask_ratio)
-        make_proj = lambda: build_projector(D, args.proj_dim) if args.proj == "mlp" else nn.Identity()
+        self.num_visible = num_visible(self.num_patches, mask_ratio)  # V; the other T = L - V patches are targets
+        make_proj = lambda: build_projector(D, proj_dim) if proj == "mlp" else nn.Identity()
         self.proj = make_proj()
-        self.target = args.target
-        if self.target == "momentum":  # EMA copy, updated after each optimizer step, never by gradients
+        self.target = target
+        if target == "momentum":  # EMA copy, updated after each optimizer step, never by gradients
             self.target_encoder, self.target_proj = copy.deepcopy(self.encoder), copy.deepcopy(self.proj)
             self.target_encoder.requires_grad_(False)
             self.target_proj.requires_grad_(False)
-        elif self.target == "independent":  # separately initialised and trained by the loss as well
-            self.target_encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+        elif target == "independent":  # separately initialised and trained by the loss as well
+            self.target_encoder = build_vit(model, patch_size=patch_size, img_size=input_size)
             self.target_proj = make_proj()
         # 'shared-stopgrad' and 'joint' use the online encoder itself (no extra parameters that could go unused)
-        self.decoder = LatentDecoder(args.decoder, D, self.grid, args.decoder_dim, args.decoder_depth,
-                                     args.decoder_heads)
-        self.loss_kind, self.tau, self.delta, self.pred2unit = args.loss, args.tau, args.huber_delta, args.pred2unit
-        self.sim_weight = args.sim_weight
+        if decoder == "self":  # MAE-style: mask tokens m + p_t and the visible tokens through self-attention blocks
+            self.decoder = MAEDecoder(D, self.grid, D, decoder_dim, decoder_depth, decoder_heads, mask_token_std=0.0)
+        else:  # the paper's cross-attention decoder, with or without the visual cues
+            self.decoder = CrossDecoder(D, self.grid, decoder_dim, decoder_depth, decoder_heads,
+                                        cues=decoder == "cross-cues")
+        self.loss_kind, self.tau, self.delta, self.pred2unit = loss, tau, huber_delta, pred2unit
+        self.sim_weight = sim_weight
         # gamma of R, set every step from its schedule; a buffer so that changing it needs no recompile or sync
-        self.register_buffer("sim_gamma", torch.tensor(float(args.gamma_start)), persistent=False)
+        self.register_buffer("sim_gamma", torch.tensor(float(gamma)), persistent=False)
 
-    @staticmethod
-    def encode(vit, proj, pixels, ids, rng=None):
-        """pixels [B, N, p*p*3] of the patches at grid positions ids [B, N] -> [B, 1+N, D] projected (cls first)."""
-        return proj(vit.forward_pixels(pixels, ids, rng))
-
-    def views(self, imgs, rng):
-        """Jittered patches [B, L, p*p*3], visible ids [B, V] and target ids [B, T] (T = L - V), all from rng."""
+    def mask(self, imgs, rng):
+        """Jittered patches [B, L, p*p*3], visible ids [B, V] and masked (target) ids [B, T], T = L - V, from rng."""
         if imgs.shape[-2:] != (self.crop, self.crop):
             raise ValueError(f"training images must be {self.crop} px (grid {self.grid} x (patch {self.patch} + "
                              f"gap {self.gap})), got {tuple(imgs.shape[-2:])}")
-        offsets = rng.randint(self.gap, self.num_patches, 2) if self.gap > 0 else None  # [B, L, 2]
-        pixels = gap_patchify(imgs, self.patch, self.gap, offsets=offsets)
-        vis_ids, tgt_ids = random_masking(rng.rand(self.num_patches), self.num_visible)
-        return pixels, vis_ids, tgt_ids
+        pixels = gap_patchify(imgs, self.patch, self.gap, rng=rng)  # draws the offsets first (gap > 0)
+        vis_ids, mask_ids = random_masking(rng.rand(self.num_patches), self.num_visible)
+        return pixels, vis_ids, mask_ids
 
-    def targets(self, pixels, ids, rng):
+    def encode(self, pixels, ids, rng=None):
+        """The online branch: pixels [B, V, p*p*3] of the patches at grid positions ids [B, V] -> [cls, z_V]
+        [B, 1+V, D], projected."""
+        return self.proj(self.encoder.forward_pixels(pixels, ids, rng))
+
+    def targets(self, pixels, ids, rng=None):
         """z_T [B, T, D]: the target encoder sees only the target patches (plus its cls token)."""
         own = self.target in ("momentum", "independent")  # a target encoder of its own, or the online one
-        enc = (self.target_encoder, self.target_proj) if own else (self.encoder, self.proj)
+        vit, proj = (self.target_encoder, self.target_proj) if own else (self.encoder, self.proj)
         if self.target in ("momentum", "shared-stopgrad"):
             with torch.no_grad():
-                return self.encode(*enc, pixels, ids, rng)[:, 1:]
-        return self.encode(*enc, pixels, ids, rng)[:, 1:]  # independent, joint: gradients flow into the targets too
+                return proj(vit.forward_pixels(pixels, ids, rng))[:, 1:]
+        return proj(vit.forward_pixels(pixels, ids, rng))[:, 1:]  # independent, joint: gradients reach the targets
+
+    def loss(self, pred, target, visible):
+        """The loss table's Delta (mean over target patches) + sim_weight R. pred [B, T, D] raw predictions z^,
+        target [B, T, D], visible [B, V, D] online visible tokens (for R)."""
+        if self.loss_kind == "patchdisc":
+            loss = latent_loss(pred_to_unit(pred) if self.pred2unit else pred, target, "patchdisc", self.tau)
+        else:  # per-token standardised targets (official 'norm_l2'; (decision) also L1 / Huber: code has MSE only)
+            loss = latent_loss(pred, standardize_tokens(target), self.loss_kind, self.tau, self.delta)
+        if self.sim_weight > 0:
+            loss = loss + self.sim_weight * similarity_regularizer(pred, visible, self.sim_gamma)
+        return loss
 
     def forward(self, imgs, rng):
-        with record_function("masking"):  # labels for `--bench --profile`
-            pixels, vis_ids, tgt_ids = self.views(imgs, rng)
-        with record_function("encoder"):
-            z = self.encode(self.encoder, self.proj, gather_tokens(pixels, vis_ids), vis_ids, rng)  # [B, 1+V, D]
-        with record_function("teacher"):
-            target = self.targets(gather_tokens(pixels, tgt_ids), tgt_ids, rng)  # [B, T, D]
-        with record_function("decoder"):
-            pred = self.decoder(z, vis_ids, tgt_ids)  # [B, T, D] raw predictions z^
-        with record_function("loss"):
-            if self.loss_kind == "patchdisc":
-                loss = latent_loss(pred_to_unit(pred) if self.pred2unit else pred, target, "patchdisc", self.tau)
-            else:  # per-token standardised targets (official 'norm_l2'; (decision) also L1 / Huber: code has MSE only)
-                loss = latent_loss(pred, standardize_tokens(target), self.loss_kind, self.tau, self.delta)
-            if self.sim_weight > 0:
-                loss = loss + self.sim_weight * similarity_regularizer(pred, z[:, 1:], self.sim_gamma)
+        pixels, vis_ids, mask_ids = self.mask(imgs, rng)
+        z = self.encode(gather_tokens(pixels, vis_ids), vis_ids, rng)  # [B, 1+V, D]
+        target = self.targets(gather_tokens(pixels, mask_ids), mask_ids, rng)  # [B, T, D]
+        pred = self.decoder(z, vis_ids, mask_ids)  # [B, T, D] raw predictions z^
+        loss = self.loss(pred, target, z[:, 1:])
         with torch.no_grad():  # the collapse monitor ("Sim"): within-image mean pairwise cosine, on device
-            metrics = {"sim_pred": mean_pairwise_cosine(pred).mean(), "sim_vis": mean_pairwise_cosine(z[:, 1:]).mean(),
-                       "sim_target": mean_pairwise_cosine(target).mean()}
+            metrics = {f"sim_{name}": mean_pairwise_cosine(t).mean()
+                       for name, t in (("pred", pred), ("vis", z[:, 1:]), ("target", target))}
         return loss, metrics
 
-    @torch.no_grad()
-    def momentum_update(self, m):
+    def update_teacher(self, momentum):
         """q <- m q + (1 - m) p for the target encoder and projector (momentum target only)."""
-        ema_update(nn.ModuleList([self.target_encoder, self.target_proj]), nn.ModuleList([self.encoder, self.proj]), m)
+        ema_update(nn.ModuleList([self.target_encoder, self.target_proj]), nn.ModuleList([self.encoder, self.proj]),
+                   momentum)
+
+
+def build_model(args):
+    names = ("model", "patch_size", "input_size", "gap", "mask_ratio", "target", "proj", "proj_dim", "decoder",
+             "decoder_dim", "decoder_depth", "decoder_heads", "loss", "tau", "huber_delta", "pred2unit", "sim_weight")
+    return LatentMIM(**{name: getattr(args, name) for name in names}, gamma=args.gamma_start)
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -333,22 +325,19 @@ def build_parser():
 
 
 def check_args(args):
+    """The flags the model cannot check itself (the encoder's sizes are checked by build_vit)."""
     check_common_args(args)
-    if args.model not in VIT_PRESETS:
-        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(VIT_PRESETS)}")
-    patch = args.patch_size or VIT_PRESETS[args.model][3]
-    if patch < 1 or args.input_size < 1 or args.input_size % patch:
-        raise UserError(f"--input-size {args.input_size} must be a positive multiple of the patch size {patch}")
+    patch = preset_patch_size(args.model, args.patch_size)
     if args.gap < 0:
         raise UserError("--gap must be non-negative")
-    crop = args.input_size // patch * (patch + args.gap)
+    grid = args.input_size // patch  # build_vit checks that the patch size divides --input-size
+    crop, L = grid * (patch + args.gap), grid ** 2
     if args.crop_size is not None and args.crop_size != crop:
-        raise UserError(f"--crop-size {args.crop_size} is inconsistent: the grid of {args.input_size // patch} "
-                        f"cells of {patch}+{args.gap} px needs {crop} px")
+        raise UserError(f"--crop-size {args.crop_size} is inconsistent: the grid of {grid} cells of "
+                        f"{patch}+{args.gap} px needs {crop} px")
     args.crop_size = crop
     if not 0.0 < args.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    L = (args.input_size // patch) ** 2
     if not 1 <= num_visible(L, args.mask_ratio) < L:
         raise UserError(f"--mask-ratio {args.mask_ratio} leaves {num_visible(L, args.mask_ratio)} of {L} patches "
                         f"visible; need at least one visible and one target")
@@ -365,7 +354,8 @@ def check_args(args):
 
 
 def train_dataset(args):
-    return SeededDataset(build_dataset(args.data, "train", args), image_transform(pretrain_transform(args.crop_size)))
+    base = build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size, seed=args.seed)
+    return SeededDataset(base, image_transform(pretrain_transform(args.crop_size)))
 
 
 # ------------------------------------------------------------------------------------------------ figure and bench
@@ -375,12 +365,10 @@ def write_vis(args, n=4):
     from torchvision.utils import make_grid, save_image
     dataset = train_dataset(args)
     n = min(n, len(dataset))
-    imgs = torch.stack([dataset[(i, mix_seed(args.seed, i))][0] for i in range(n)])  # [n, 3, crop, crop]
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    imgs = (imgs * std + mean).clamp(0, 1)
-    patch = args.patch_size or VIT_PRESETS[args.model][3]
-    grid, cell = args.input_size // patch, patch + args.gap
-    rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, n), n)  # the same draws as the model's `views`
+    imgs = denormalize(torch.stack([dataset[(i, mix_seed(args.seed, i))][0] for i in range(n)]))  # [n, 3, crop, crop]
+    vit = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)  # its grid, and its checks
+    patch, grid, cell = vit.patch_size, vit.grid_size, vit.patch_size + args.gap
+    rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, n), n)  # the same draws as the model's `mask`
     offsets = rng.randint(args.gap, grid * grid, 2) if args.gap else torch.zeros(n, grid * grid, 2, dtype=torch.long)
     V = num_visible(grid * grid, args.mask_ratio)
     vis_ids, _ = random_masking(rng.rand(grid * grid), V)
@@ -401,11 +389,13 @@ def write_vis(args, n=4):
 
 def bench(args, model):
     """--bench: optimizer steps of the real training step on random tensors already on the device (no loader)."""
-    device = Dist(args.device).device
+    device = pick_device(args.device)
     model.to(device)
     imgs = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
-    ema = (lambda: model.momentum_update(args.momentum)) if model.target == "momentum" else None
-    case = (model, [imgs], build_adamw(model, args.weight_decay, 1e-4, no_weight_decay), ema)
+    ema = (lambda: model.update_teacher(args.momentum)) if model.target == "momentum" else None
+    labels = {"masking": (model, "mask"), "encoder": (model, "encode"), "teacher": (model, "targets"),
+              "decoder": (model.decoder, "forward"), "loss": (model, "loss")}  # --profile, wrapped from outside
+    case = (model, [imgs], build_adamw(model, args.weight_decay, 1e-4, no_weight_decay), ema, labels)
     return benchmark({METHOD: case}, device, args.bench_steps, args.compile, args.profile, args.seed)[METHOD]
 
 
@@ -421,35 +411,49 @@ def main(args):
     check_args(args)
     if args.vis:
         return write_vis(args)
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = LatentMIM(args)
     if args.bench:
-        return bench(args, model)
+        torch.manual_seed(args.seed)
+        return bench(args, build_model(args))
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = build_model(args)  # before TrainRun: a bad size is reported before the output folder is made
     run = TrainRun(args, METHOD, train_dataset(args))
     model.to(run.device)
     optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
     # Exported encoder = the online encoder: it is the network the loss trains (the target is only its EMA, or
     # absent), and the official k-NN evaluation reads `model.encoder` too. Its config (224 px, gap 0) is what
     # eval_probe's load_vit rebuilds; the projector is dropped, as in the official evaluation.
-    ddp_model = run.prepare(model, optimizer, model.encoder)
-    run.measure_flops(model, torch.zeros(2, 3, args.crop_size, args.crop_size, device=run.device))  # for MFU in the log
-    for epoch in run.epochs():
+    encoder = model.encoder
+    run.resume(model, optimizer)
+    ddp_model = run.wrap(model)
+    run.measure_flops(model, torch.zeros(2, 3, args.crop_size, args.crop_size, device=run.device))  # for MFU
+    for epoch in range(run.epoch, args.epochs):
+        batches = run.epoch_batches()
         for step in run.steps():
-            set_lr(optimizer, run.lr(start_frac=args.min_lr_frac, end_frac=args.min_lr_frac))
-            gamma = cosine_schedule(run.progress(), 1.0, args.gamma_start, args.gamma_end)  # 0.75 -> 0.25
+            set_lr(optimizer, run.lr(step, start_frac=args.min_lr_frac, end_frac=args.min_lr_frac))
+            gamma = cosine_schedule(step / run.total_steps, 1.0, args.gamma_start, args.gamma_end)  # R: 0.75 -> 0.25
             model.sim_gamma.fill_(gamma)
-            for micro, (imgs, _), rng in run.micro_batches():
+            step_loss = 0.0
+            for micro in range(args.accum):
+                imgs, _ = run.next_batch(batches)
                 with run.no_sync(ddp_model, micro), autocast(run.device):
-                    loss, metrics = ddp_model(imgs, rng)
-                run.backward(loss)
+                    loss, metrics = ddp_model(imgs, run.step_random(step, micro))
+                (loss / args.accum).backward()
+                step_loss += loss.detach() / args.accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             extra = {"gamma": gamma} if args.sim_weight > 0 else {}
-            if model.target == "momentum":  # m: cosine from 0.99 to 1 over all optimizer steps
-                extra["momentum"] = m = ema_momentum(run.step, run.total_steps, args.momentum)
-                model.momentum_update(m)
-            run.end_step({**metrics, **extra})
-    return run
+            if args.target == "momentum":  # m: cosine from 0.99 to 1 over all optimizer steps
+                extra["momentum"] = m = ema_momentum(step, run.total_steps, args.momentum)
+                model.update_teacher(m)
+            run.step_done(step, step_loss, {**metrics, **extra})
+            if args.save_every and run.step % args.save_every == 0:
+                run.save(model, optimizer, encoder)
+        if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop
+            run.save(model, optimizer, encoder)
+            break
+        run.end_epoch()
+        run.save(model, optimizer, encoder)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -1,38 +1,39 @@
-"""PCAE: Progressively Compressed Auto-Encoder (Li, Wang, Zhang et al., ICLR 2023), a faithful reimplementation.
+"""PCAE: Progressively Compressed Auto-Encoder (Li, Wang, Zhang et al., "Progressively Compressed Auto-Encoder for
+Self-supervised Representation Learning", ICLR 2023, OpenReview 8T4qmZbTkW7), a faithful reimplementation.
 
 A student ViT f_theta sees the visible patches M.x; an EMA teacher f_bar sees the MASKED patches (1-M).x and, between
-its blocks, discards the tokens most similar to the mean token (progressive token reduction); a decoder g_phi gets
-the student's tokens plus a mask token omega + position p for each patch the teacher KEPT and predicts the teacher's
-features there. The paper's objective:
+its blocks, discards the tokens most similar to the mean token (the paper's ranking S(x) and compression T(x; k)); a
+decoder g_phi gets the student's tokens plus a mask token omega + position p for each patch the teacher KEPT and
+predicts the teacher's features there. The paper's objective:
 
     max_{theta, phi, omega}  E_x  M{ f_bar[(1-M).x; k],  g_phi{ h[f_theta(M.x), omega + p] } }
 
 with M the cosine similarity. Only ~10 % of the image is reconstructed and the teacher costs ~36 % of a full pass,
 which is why a PCAE step is cheaper than a MAE-style step with the same encoder and decoder
-(`--bench --bench-baseline`).
+(`--bench --bench-baseline`). Where the paper leaves details open, the authors' public re-implementation
+(github.com/caddyless/PCAE) is followed, without its bugs (README).
 
     python pcae.py --data synthetic --model micro --input-size 32 --epochs 5      # CPU demo
     torchrun --nproc_per_node=8 pcae.py --data /imagenet                           # the public recipe
 """
-import argparse, copy, math
+import argparse, copy, math, sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.profiler import record_function
-
-from common import (VIT_PRESETS, Block, Dist, SeededDataset, StepRandom, TrainRun, UserError, add_bench_args,
+from common import (VIT_PRESETS, MAEDecoder, SeededDataset, StepRandom, TrainRun, UserError, add_bench_args,
                     add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
-                    ema_momentum, ema_update, eval_transform, gather_tokens, get_2d_sincos_pos_embed, image_transform,
-                    init_weights_mae, load_state, load_training_checkpoint, patchify, pretrain_transform, random_masking,
-                    run_blocks, run_main, set_lr, unpatchify, IMAGENET_MEAN, IMAGENET_STD)
+                    denormalize, ema_momentum, ema_update, eval_transform, gather_tokens, image_transform, load_state,
+                    load_training_checkpoint, patchify, pick_device, preset_patch_size, pretrain_transform,
+                    random_masking, run_main, set_lr, standardize_tokens, unpatchify)
 
 
 # ----------------------------------------------------------------------------------------- the paper's equations
 def similarity_scores(x):
-    """s_i = M(x_i, sum_j x^j / N_i) = cos(x_hat_i, m),  x_hat_i = x_i / ||x_i||,  m = (1/N_i) sum_j x_hat_j.
+    """The score inside the paper's S(x) = rank(M(x, sum_j x^j / N_i)):  s_i = cos(x_hat_i, m),
+    x_hat_i = x_i / ||x_i||,  m = (1/N_i) sum_j x_hat_j.
 
     x [B, n, D] -> [B, n]. Computed in fp32 so that bf16 rounding does not reorder near-ties. (The public code takes
     the dot product with the un-normalised m; dividing by ||m|| is one positive constant per image, same ranking.)"""
@@ -47,30 +48,23 @@ def kept_count(n, keep_ratio):
 
 
 def compress_tokens(x, ids, keep_ratio, random=False, noise=None):
-    """T(x; k) = gather[x, S(x) < floor(N_i * k)],  S(x) = rank(s) ascending.
+    """The paper's T(x; k) = gather[x, S(x) < floor(N_i * k)],  S(x) = rank(s) ascending.
     x [B, n, D], ids [B, n] -> (kept [B, floor(n k), D], their ids [B, floor(n k)]).
 
     Keeps the tokens LEAST similar to the mean (the redundant ones, close to the mean, are dropped) together with
-    their absolute patch ids, so ids stay valid through any number of stages. random=True is the "RD" ablation: a
-    uniform random subset, ranked by `noise` [B, n] (training passes rng.rand(n) so that it is reproducible; a direct
-    call without noise falls back to torch.rand)."""
-    b, n = x.shape[:2]
-    if random:
-        score = noise if noise is not None else torch.rand(b, n, device=x.device)
-    else:
-        score = similarity_scores(x)
-    order = score.argsort(dim=1)[:, :kept_count(n, keep_ratio)]  # [B, K] positions in x, least similar first
+    their absolute patch ids, so ids stay valid through any number of stages. random=True is the paper's "RD"
+    ablation: a uniform random subset, ranked by `noise` [B, n] (the step's rng.rand(n); required, so that a drop is
+    reproducible)."""
+    if random and noise is None:
+        raise ValueError("compress_tokens(random=True) needs its noise [B, n] (e.g. rng.rand(n))")
+    score = noise if random else similarity_scores(x)
+    order = score.argsort(dim=1)[:, :kept_count(x.shape[1], keep_ratio)]  # [B, K] positions in x, least similar first
     return gather_tokens(x, order), torch.gather(ids, 1, order)
 
 
-def standardize(t):
-    """t_tilde = (t - mean_c t) / sqrt(var_c t + 1e-6), per token over channels, no affine (public code's targets).
-    (The public code uses the unbiased variance; a per-token scale does not change the cosine loss.)"""
-    return F.layer_norm(t.float(), t.shape[-1:], eps=1e-6)
-
-
 def cosine_loss(pred, target):
-    """L = 1 - E_{b, j} cos(g_phi(...)_{b, j}, t_tilde_{b, j}), over the batch and the teacher's kept tokens."""
+    """The paper's objective with M = cosine, as a loss: L = 1 - E_{b, j} cos(g_phi(...)_{b, j}, t_{b, j}), over the
+    batch and the teacher's kept tokens."""
     return 1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
 
 
@@ -112,30 +106,22 @@ class PCAE(nn.Module):
             p.requires_grad = False
         for blk in self.teacher.blocks:
             blk.drop_path = 0.0  # the public teacher is built with drop_path=0; it only runs under no_grad
-        dim = student.embed_dim
-        # Decoder g_phi (MAE layout); its output width is the TEACHER width, not p*p*3 as in the public code.
-        self.decoder_embed = nn.Linear(dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed",
-                             get_2d_sincos_pos_embed(decoder_dim, student.grid_size, cls_token=True)[None])
-        # Stochastic depth constant over the decoder blocks, as in the public code (linear over the encoder).
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, 4.0, decoder_drop_path)
-                                            for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, dim)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights_mae)
-        nn.init.normal_(self.mask_token, std=0.02)
+        # Decoder g_phi (MAE layout), built after the teacher copy (initial weights depend on the order). Its output
+        # width is the TEACHER width, not p*p*3 as in the public code; stochastic depth is constant over its blocks,
+        # as in the public code (linear over the encoder's).
+        self.decoder = MAEDecoder(student.embed_dim, student.grid_size, out_dim=student.embed_dim,
+                                  decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+                                  drop_path=decoder_drop_path)
 
     def mask(self, rng):
-        """Random per-image split: visible ids [B, V] (student), masked ids [B, L-V] (teacher)."""
+        """Random per-image split M: visible ids [B, V] (student), masked ids [B, L-V] (teacher)."""
         return random_masking(rng.rand(self.num_patches), self.num_visible)
 
     @torch.no_grad()
-    def teacher_forward(self, patches, mask_ids, rng=None):
+    def teacher_forward(self, patches, mask_ids, rng):
         """f_bar[(1-M).x; k]: teacher on the masked patches only, compressed by T(x; k) after each block in
         drop_after. patches [B, L, p*p*3] -> (targets [B, K, D] standardised, kept ids [B, K], ids after each stage).
-        No cls token: only patch tokens are ranked and predicted (public code)."""
+        No cls token: only patch tokens are ranked and predicted (public code). rng: the noise of --random-drop."""
         t = self.teacher
         x = t.add_pos(t.embed_pixels(gather_tokens(patches, mask_ids)), mask_ids)  # [B, N_m, D]
         ids, stages = mask_ids, []
@@ -145,52 +131,34 @@ class PCAE(nn.Module):
                 noise = rng.rand(x.shape[1]) if self.random_drop else None  # [B, n]
                 x, ids = compress_tokens(x, ids, self.keep_ratio, self.random_drop, noise)  # [B, floor(n k), D]
                 stages.append(ids)
-        return standardize(t.norm(x)), ids, stages  # targets: final-norm features of the kept tokens
+        # Targets: the final-norm features of the kept tokens, standardised per token (t - mean) / sqrt(var + 1e-6)
+        # with the unbiased variance, as the public code. The cosine loss does not see the per-token scale.
+        return standardize_tokens(t.norm(x)), ids, stages
 
     def encode(self, patches, vis_ids, rng):
         """f_theta(M.x): student on the visible patches, cls first -> [B, 1+V, D]."""
         return self.student.forward_pixels(gather_tokens(patches, vis_ids), vis_ids, rng)
 
-    def decode(self, latent, vis_ids, query_ids, rng):
-        """g_phi{h[f_theta(M.x), omega + p]}: decoder on [cls, visible tokens, one mask token per query patch] with
-        fixed sin-cos positions p; returns the predictions at the queries only -> [B, Q, D_teacher]."""
-        b, q = latent.shape[0], query_ids.shape[1]
-        x = self.decoder_embed(latent)  # [B, 1+V, Dd]
-        x = torch.cat([x, self.mask_token.to(x.dtype).expand(b, q, -1)], dim=1)  # [B, 1+V+Q, Dd]
-        pos = self.decoder_pos_embed.to(x.dtype)  # [1, 1+L, Dd], row 0 (cls) is zero
-        pos_ids = torch.cat([vis_ids, query_ids], dim=1)  # [B, V+Q] absolute patch ids
-        x = x + torch.cat([pos[:, :1].expand(b, -1, -1), gather_tokens(pos[:, 1:].expand(b, -1, -1), pos_ids)], 1)
-        x = run_blocks(self.decoder_blocks, x, rng)
-        return self.decoder_pred(self.decoder_norm(x[:, -q:]))  # LayerNorm is per token: slice first
-
     def forward(self, imgs, rng):
         """Training step: imgs [B, 3, H, W], rng StepRandom -> (loss, metrics)."""
-        with record_function("masking"):  # labels for `--bench --profile`
-            patches = patchify(imgs, self.patch_size)  # [B, L, p*p*3]
-            vis_ids, mask_ids = self.mask(rng)  # [B, V], [B, L-V]
-        with record_function("teacher"):
-            target, kept_ids, _ = self.teacher_forward(patches, mask_ids, rng)  # [B, K, D], [B, K]
-        with record_function("encoder"):
-            latent = self.encode(patches, vis_ids, rng)  # [B, 1+V, D]
-        with record_function("decoder"):
-            pred = self.decode(latent, vis_ids, kept_ids, rng)  # [B, K, D]
-        with record_function("loss"):
-            return cosine_loss(pred, target), {}
+        patches = patchify(imgs, self.patch_size)  # [B, L, p*p*3]
+        vis_ids, mask_ids = self.mask(rng)  # [B, V], [B, L-V]
+        target, kept_ids, _ = self.teacher_forward(patches, mask_ids, rng)  # [B, K, D], [B, K]
+        latent = self.encode(patches, vis_ids, rng)  # [B, 1+V, D]
+        # g_phi{h[f_theta(M.x), omega + p]}: one mask token omega at the position p of each patch the teacher kept
+        pred = self.decoder(latent, vis_ids, kept_ids, rng)  # [B, K, D]
+        return cosine_loss(pred, target), {}
 
     def forward_mae_style(self, imgs, rng, proj=None):
         """Benchmark baseline: the same encoder and decoder, no teacher, the decoder predicts ALL L-V masked patches
         (147 for ViT-B/16) with the same cosine loss against per-patch targets of the same width: MAE's normalised
         pixels (through a fixed projection `proj` [p*p*3, D] when p*p*3 != D)."""
-        with record_function("masking"):
-            patches = patchify(imgs, self.patch_size)
-            vis_ids, mask_ids = self.mask(rng)
-        with record_function("encoder"):
-            latent = self.encode(patches, vis_ids, rng)
-        with record_function("decoder"):
-            pred = self.decode(latent, vis_ids, mask_ids, rng)  # [B, L-V, D]
-        with record_function("loss"):
-            target = gather_tokens(patches, mask_ids)  # [B, L-V, p*p*3]
-            return cosine_loss(pred, standardize(target if proj is None else target @ proj)), {}
+        patches = patchify(imgs, self.patch_size)
+        vis_ids, mask_ids = self.mask(rng)
+        latent = self.encode(patches, vis_ids, rng)
+        pred = self.decoder(latent, vis_ids, mask_ids, rng)  # [B, L-V, D]
+        target = gather_tokens(patches, mask_ids)  # [B, L-V, p*p*3]
+        return cosine_loss(pred, standardize_tokens(target if proj is None else target @ proj)), {}
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -200,9 +168,10 @@ class PCAE(nn.Module):
 
 def build_model(args):
     student = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size, drop_path_rate=args.drop_path)
-    drops = parse_drop_after(args.drop_after, student.config["depth"])
-    return PCAE(student, args.mask_ratio, args.keep_ratio, drops, args.random_drop, args.decoder_dim,
-                args.decoder_depth, args.decoder_heads, args.drop_path)
+    return PCAE(student, mask_ratio=args.mask_ratio, keep_ratio=args.keep_ratio,
+                drop_after=parse_drop_after(args.drop_after, student.config["depth"]), random_drop=args.random_drop,
+                decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
+                decoder_drop_path=args.drop_path)
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
@@ -219,7 +188,7 @@ def build_parser():
     a("--decoder-depth", type=int, default=8)
     a("--decoder-heads", type=int, default=16)
     a("--drop-path", type=float, default=0.25, help="student stochastic depth (linear in encoder, constant in decoder)")
-    a("--ema", type=float, default=0.9999, help="teacher momentum at step 0, rising to 1 on a cosine")
+    a("--momentum", type=float, default=0.9999, help="teacher momentum at step 0, rising to 1 on a cosine")
     a("--vis", default="", metavar="PATH", help="write a PNG of the masks and the teacher's kept patches, then exit")
     a("--vis-images", type=int, default=6)
     add_bench_args(parser)
@@ -231,19 +200,18 @@ def build_parser():
 
 
 def check_args(args):
+    """The flag errors that would otherwise surface late (or as a crash): build_vit checks the rest."""
     check_common_args(args)
     if not 0.0 < args.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
     if not 0.0 < args.keep_ratio <= 1.0:
         raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
-    if args.model not in VIT_PRESETS:
-        raise UserError(f"unknown model {args.model!r}; choose from {', '.join(VIT_PRESETS)}")
-    depth, patch = VIT_PRESETS[args.model][1], args.patch_size or VIT_PRESETS[args.model][3]
+    patch, depth = preset_patch_size(args.model, args.patch_size), VIT_PRESETS[args.model][1]
     drops = parse_drop_after(args.drop_after, depth)
     if len(drops) > depth or len(set(drops)) != len(drops) or any(not 0 <= i < depth for i in drops):
         raise UserError(f"--drop-after needs distinct block indices in [0, {depth - 1}] (at most {depth} of them), "
                         f"got {args.drop_after!r}")
-    if args.input_size % patch:
+    if args.input_size % patch:  # before the token counts, which need a whole grid
         raise UserError(f"--input-size {args.input_size} is not divisible by the patch size {patch}")
     num_patches = (args.input_size // patch) ** 2
     visible = int(num_patches * (1 - args.mask_ratio))
@@ -255,8 +223,8 @@ def check_args(args):
         raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
     if min(args.decoder_depth, args.decoder_heads, args.vis_images, args.bench_steps) < 1:
         raise UserError("--decoder-depth, --decoder-heads, --vis-images and --bench-steps must be at least 1")
-    if not 0.0 <= args.drop_path < 1.0 or not 0.0 <= args.ema <= 1.0:
-        raise UserError("--drop-path must be in [0, 1) and --ema in [0, 1]")
+    if not 0.0 <= args.drop_path < 1.0 or not 0.0 <= args.momentum <= 1.0:
+        raise UserError("--drop-path must be in [0, 1) and --momentum in [0, 1]")
 
 
 def no_weight_decay(name, param):
@@ -274,26 +242,40 @@ def main(args):
     if args.bench or args.bench_baseline:
         return bench(args)
     transform = image_transform(pretrain_transform(args.input_size))
-    dataset = SeededDataset(build_dataset(args.data, "train", args), transform)
+    dataset = SeededDataset(build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size,
+                                          seed=args.seed), transform)
     run = TrainRun(args, "pcae", dataset)
-    torch.manual_seed(args.seed)  # same init on every process
+    torch.manual_seed(args.seed)  # the same initial weights on every process
     model = build_model(args).to(run.device)
     optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
-    # The exported encoder is the student (MAE-style methods fine-tune the online network).
-    ddp_model = run.prepare(model, optimizer, model.student)
+    encoder = model.student  # exported in every checkpoint: MAE-style methods fine-tune the online network
+    run.resume(model, optimizer)
+    ddp_model = run.wrap(model)
     run.measure_flops(model, torch.zeros(2, 3, args.input_size, args.input_size, device=run.device))  # for MFU
-    for epoch in run.epochs():
+    for epoch in range(run.epoch, args.epochs):
+        batches = run.epoch_batches()
         for step in run.steps():
-            set_lr(optimizer, run.lr())
-            for micro, (imgs, _), rng in run.micro_batches():
+            set_lr(optimizer, run.lr(step))
+            step_loss = 0.0
+            for micro in range(args.accum):
+                imgs, _ = run.next_batch(batches)
                 with run.no_sync(ddp_model, micro), autocast(run.device):
-                    loss, metrics = ddp_model(imgs, rng)
-                run.backward(loss)
+                    loss, metrics = ddp_model(imgs, run.step_random(step, micro))
+                (loss / args.accum).backward()
+                step_loss += loss.detach() / args.accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # EMA after the optimizer step only (the public code also ran it on accumulation micro-steps).
-            model.update_teacher(ema_momentum(run.step, run.total_steps, args.ema))
-            run.end_step(metrics)
+            model.update_teacher(ema_momentum(step, run.total_steps, args.momentum))
+            run.step_done(step, step_loss, metrics)
+            if args.save_every and run.step % args.save_every == 0:
+                run.save(model, optimizer, encoder)
+        if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop
+            run.save(model, optimizer, encoder)
+            break
+        run.end_epoch()
+        run.save(model, optimizer, encoder)
+    run.finish()
 
 
 # ------------------------------------------------------------------------------------------------------- benchmark
@@ -301,16 +283,19 @@ def bench(args):
     """Times the real optimizer step (forward, backward, AdamW, EMA) on random tensors already on the device; with
     --bench-baseline also a MAE-style step (same model, all masked tokens decoded, no teacher), in the same process,
     interleaved with the PCAE steps."""
-    device = Dist(args.device).device
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args).to(device).train()
     optimizer = build_adamw(model, args.weight_decay, 1e-4, no_weight_decay)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    cases = {"pcae": (model, [imgs], optimizer, lambda: model.update_teacher(args.ema))}
+    labels = {"masking": (model, "mask"), "encoder": (model, "encode"), "decoder": (model.decoder, "forward"),
+              "loss": (sys.modules[__name__], "cosine_loss")}  # the parts of a step for --profile
+    cases = {"pcae": (model, [imgs], optimizer, lambda: model.update_teacher(args.momentum),
+                      {**labels, "teacher": (model, "teacher_forward")})}
     if args.bench_baseline:
         width, pix = model.student.embed_dim, model.patch_size ** 2 * 3
         proj = None if pix == width else torch.randn(pix, width, device=device) / math.sqrt(pix)
-        cases["mae-style"] = (model.forward_mae_style, [imgs, proj], optimizer, None)
+        cases["mae-style"] = (model.forward_mae_style, [imgs, proj], optimizer, None, labels)
     rows = benchmark(cases, device, args.bench_steps, args.compile, args.profile, args.seed)
     if args.bench_baseline:
         p, m = rows["pcae"], rows["mae-style"]
@@ -324,7 +309,7 @@ def bench(args):
 def visualize(args):
     """PNG, one row per image: image | student's visible patches | teacher input (masked patches) | teacher's kept
     patches after each drop stage. Uses the checkpoint of --resume or --output-dir when there is one."""
-    device = Dist(args.device).device
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args).to(device).eval()
     path = Path(args.resume) if args.resume else Path(args.output_dir) / "checkpoint.pth"
@@ -333,18 +318,18 @@ def visualize(args):
         print(f"visualising the teacher of {path}")
     else:
         print("no checkpoint: visualising a randomly initialised teacher")
-    data = SeededDataset(build_dataset(args.data, "train", args), image_transform(eval_transform(args.input_size)))
+    data = SeededDataset(build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size,
+                                       seed=args.seed), image_transform(eval_transform(args.input_size)))
     n = min(args.vis_images, len(data))
     imgs = torch.stack([data[i][0] for i in range(n)]).to(device)  # [n, 3, H, W]
     rng = StepRandom(args.seed, 0, device, slice(0, n), n)
     patches = patchify(imgs, model.patch_size)
     vis_ids, mask_ids = model.mask(rng)
     _, _, stages = model.teacher_forward(patches, mask_ids, rng)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    pixels = (imgs * std + mean).clamp(0, 1)
+    pixels = denormalize(imgs)  # [n, 3, H, W] in [0, 1], CPU
     columns = [pixels]
     for ids in [vis_ids, mask_ids, *stages]:
-        shown = torch.zeros(n, model.num_patches, device=device).scatter_(1, ids, 1.0)  # [n, L]
+        shown = torch.zeros(n, model.num_patches).scatter_(1, ids.cpu(), 1.0)  # [n, L]
         shown = unpatchify(shown[:, :, None].expand(-1, -1, patches.shape[2]), model.patch_size)  # [n, 3, H, W]
         columns.append(pixels * shown + 0.5 * (1 - shown))  # hidden patches grey
     from torchvision.utils import save_image

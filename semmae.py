@@ -2,8 +2,8 @@
 
 Two stages, two sub-commands:
   A. `semmae.py parts --data DIR --teacher CKPT --out parts.pt`: semantic part learning on a frozen ViT teacher
-     (never released by the authors; this is our reconstruction of paper Fig. 2), then one part id per patch of
-     every training image, written to one file.
+     (never released by the authors; this is our reconstruction of the paper's Fig. 2 (A)), then one part id per
+     patch of every training image, written to one file.
   B. `semmae.py pretrain --data DIR --parts parts.pt`: MAE whose mask follows the parts: early in training a portion
      of every part is masked (intra-part patterns), late in training whole parts (inter-part relations).
 Official stage-B code: github.com/ucasligang/SemMAE (models_mae_setting3.py, engine_pretrain_setting3.py).
@@ -12,20 +12,17 @@ import argparse, math, sys
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch.profiler import record_function
-
-from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, TrainRun, UserError, add_bench_args,
-                    add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
-                    gather_tokens, get_2d_sincos_pos_embed, image_transform, init_weights_mae, load_checkpoint,
-                    load_vit, make_loader, patchify, pretrain_transform, random_masking, run_blocks, run_main,
-                    save_checkpoint, set_lr, Block, VIT_PRESETS)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MAEDecoder, SeededDataset, StepRandom, TrainRun, UserError,
+                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
+                    check_common_args, denormalize, gather_rows, gather_tokens, image_transform, load_checkpoint,
+                    load_vit, make_loader, patchify, pick_device, preset_patch_size, pretrain_transform,
+                    random_masking, run_main, save_checkpoint, set_lr, standardize_tokens)
 
 
-# =================================================================== stage A: semantic part learning (paper Sec. 3.1)
+# ====================================== stage A: semantic part learning (paper: Semantic Part Learning, Fig. 2 (A))
 def reconstruction_loss(imgs, recon):
     """L_rec(I, I^) = 1/HW sum_{i,j} (I(i,j) - I^(i,j))^2   (also averaged over channels and images)."""
     return F.mse_loss(recon.float(), imgs.float())
@@ -129,15 +126,10 @@ class PartLearner(nn.Module):
         return part_objective(l_rec, l_div, self.div_weight), {"l_rec": l_rec.detach(), "l_div": l_div.detach()}
 
 
-# ========================================================== stage B: semantic-guided masking (paper Sec. 3.2)
+# =============================== stage B: semantic-guided masking (paper: Semantic-Guided Masking, Fig. 2 (B))
 def alpha_schedule(epoch, total_epochs, gamma=2.0):
     """alpha = (t / T)^gamma with t = epoch + 1 (epoch counted from 0) and T the run's total epochs."""
     return min(max((epoch + 1) / total_epochs, 0.0), 1.0) ** gamma
-
-
-def _uniform(batch, n, device, generator=None, rng=None):
-    """[B, n] uniform noise: from the step's StepRandom in training, else from `generator` (tests, --vis)."""
-    return rng.rand(n) if rng is not None else torch.rand(batch, n, generator=generator, device=device)
 
 
 def setting2_budget(num_patches, mask_ratio):
@@ -150,18 +142,18 @@ def setting2_budget(num_patches, mask_ratio):
     return budget if torch.is_tensor(num_patches) else int(budget)
 
 
-def part_mask_counts(part_sizes, mask_ratio, alpha, generator=None, rng=None, budget=None):
+def part_mask_counts(part_sizes, mask_ratio, alpha, rng, budget=None):
     """Masked patches per part; part_sizes a [B, K] -> n [B, K] (long). With r the mask ratio and L = sum_k a_k:
       setting 1 (a portion of every part):  n1_k = round(r a_k)
       setting 2 (whole parts, visited in random order):  n2_k = min(a_k, max(0, floor(r L) - sum_{j before k} a_j))
       blend:  n_k = round((1 - alpha) n1_k + alpha n2_k)
     floor(r L) is setting2_budget(L, r); `budget` (an int) passes it precomputed when every image has the same L.
-    sum_k n_k need not equal the int(L (1 - r)) visible count: semantic_guided_masking tops up or trims afterwards."""
+    rng: the step's StepRandom (the visiting order). sum_k n_k need not equal the int(L (1 - r)) visible count:
+    semantic_guided_masking tops up or trims afterwards."""
     a = part_sizes.long()
-    b, k = a.shape
     if budget is None:
         budget = setting2_budget(a.sum(1, keepdim=True), mask_ratio)  # [B, 1]
-    order = _uniform(b, k, a.device, generator, rng).argsort(dim=1)  # random visiting order of the parts [B, K]
+    order = rng.rand(a.shape[1]).argsort(dim=1)  # random visiting order of the parts [B, K]
     a_ord = a.gather(1, order)
     before = a_ord.cumsum(1) - a_ord  # patches of the parts visited earlier
     n2 = torch.zeros_like(a).scatter(1, order, (budget - before).clamp(min=0).minimum(a_ord))  # back to part order
@@ -169,24 +161,25 @@ def part_mask_counts(part_sizes, mask_ratio, alpha, generator=None, rng=None, bu
     return torch.round((1 - alpha) * n1 + alpha * n2).long()
 
 
-def semantic_guided_masking(part_ids, mask_ratio, alpha, generator=None, rng=None, num_parts=None, budget=None):
+def semantic_guided_masking(part_ids, mask_ratio, alpha, rng, num_parts=None, budget=None):
     """Official algorithm, batched with fixed shapes (no host sync when num_parts is given):
     1. random permutation of the patches; 2.-4. n_k per part (part_mask_counts, setting 2 with the official budget
     floor(r L)); 5. mask the first n_k shuffled patches of each part, then keep exactly V = int(L (1 - r)) visible, as
     the official len_keep: the unmasked ones first, each group in the shuffled order (so a surplus is trimmed from the
     end, a shortfall topped up from the start of the masked ones). floor(r L) + V is L - 1, not L, whenever r L is
     not an integer (r = 0.9, L = 196: 176 + 19), so then even alpha = 1 masks one patch more than setting 2 counts.
-    budget: setting2_budget(L, r) precomputed (SemMAE does, so that a compiled forward builds no host tensor).
-    part_ids [B, L] integer -> (visible ids [B, V], masked ids [B, L - V])."""
+    rng: the step's StepRandom (permutation, then visiting order). budget: setting2_budget(L, r) precomputed (SemMAE
+    does, so that a compiled forward builds no host tensor).
+    part_ids [B, L] integer -> (vis_ids [B, V], mask_ids [B, L - V])."""
     b, n_patches = part_ids.shape
     k = num_parts if num_parts is not None else int(part_ids.max()) + 1
     visible = int(n_patches * (1 - mask_ratio))
-    perm = _uniform(b, n_patches, part_ids.device, generator, rng).argsort(dim=1)  # 1. [B, L]
+    perm = rng.rand(n_patches).argsort(dim=1)  # 1. [B, L]
     ids = part_ids.long().gather(1, perm)  # part of each shuffled patch [B, L]
     # one-hot by scatter: F.one_hot would check the id range (a host sync on some devices)
     onehot = torch.zeros(b, n_patches, k, dtype=torch.int32, device=ids.device).scatter_(2, ids[..., None], 1)
     budget = setting2_budget(n_patches, mask_ratio) if budget is None else budget  # floor(r L), a Python int
-    n = part_mask_counts(onehot.sum(1), mask_ratio, alpha, generator, rng, budget=budget)  # [B, K]
+    n = part_mask_counts(onehot.sum(1), mask_ratio, alpha, rng, budget=budget)  # [B, K]
     rank = onehot.cumsum(1).gather(2, ids[..., None])[..., 0]  # 1-based rank inside its part, shuffled order [B, L]
     masked = rank <= n.gather(1, ids)  # 5. the first n_k shuffled patches of part k
     key = masked.long() * n_patches + torch.arange(n_patches, device=part_ids.device)  # unique keys
@@ -195,56 +188,47 @@ def semantic_guided_masking(part_ids, mask_ratio, alpha, generator=None, rng=Non
 
 
 class SemMAE(nn.Module):
-    """MAE (encoder on the visible patches + cls, 8x512 decoder, norm_pix_loss on masked patches) whose mask comes from
-    semantic_guided_masking, or random_masking when no part ids are given (`--masking random`: plain MAE)."""
-    def __init__(self, encoder, num_parts=6, mask_ratio=0.75, dec_dim=512, dec_depth=8, dec_heads=16,
+    """MAE (encoder on the visible patches + cls, 8 x 512 decoder, norm_pix_loss on the masked patches) whose mask
+    comes from semantic_guided_masking, or from random_masking without part ids (`--masking random`: plain MAE)."""
+    def __init__(self, encoder, num_parts=6, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  norm_pix_loss=True):
         super().__init__()
         self.encoder, self.num_parts, self.mask_ratio, self.patch = encoder, num_parts, mask_ratio, encoder.patch_size
         self.budget = setting2_budget(encoder.num_patches, mask_ratio)  # floor(r L) of setting 2, an int
         self.norm_pix_loss = norm_pix_loss
-        self.decoder_embed = nn.Linear(encoder.embed_dim, dec_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
-        self.register_buffer("decoder_pos_embed", get_2d_sincos_pos_embed(dec_dim, encoder.grid_size)[None])
-        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads) for _ in range(dec_depth))
-        self.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(dec_dim, self.patch ** 2 * 3)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights_mae)
-        nn.init.normal_(self.mask_token, std=0.02)
+        self.decoder = MAEDecoder(encoder.embed_dim, encoder.grid_size, self.patch ** 2 * 3, decoder_dim,
+                                  decoder_depth, decoder_heads)
         # alpha of the current epoch, set with alpha.fill_(): a buffer, so that it needs no recompile and no sync
         self.register_buffer("alpha", torch.tensor(0.0), persistent=False)
 
+    def mask(self, rng, part_ids=None):
+        """-> (vis_ids [B, V], mask_ids [B, L - V]), V = int(L (1 - r)): semantic_guided_masking of part_ids [B, L]
+        at the epoch's alpha, or random_masking when there are no part ids."""
+        n = self.encoder.num_patches
+        if part_ids is None:
+            return random_masking(rng.rand(n), int(n * (1 - self.mask_ratio)))
+        return semantic_guided_masking(part_ids, self.mask_ratio, self.alpha, rng, self.num_parts, self.budget)
+
     def forward(self, imgs, rng, part_ids=None):
-        """imgs [B, 3, H, W], part_ids [B, L] per-patch part ids (None: random masking, plain MAE)."""
-        b, n = imgs.shape[0], self.encoder.num_patches
-        with record_function("masking"):  # labels for `--bench --profile`
-            if part_ids is None:
-                vis, msk = random_masking(rng.rand(n), int(n * (1 - self.mask_ratio)))  # [B, V], [B, L-V]
-            else:
-                vis, msk = semantic_guided_masking(part_ids, self.mask_ratio, self.alpha, rng=rng,
-                                                   num_parts=self.num_parts, budget=self.budget)
-            patches = patchify(imgs, self.patch)  # [B, L, p*p*3]
-        with record_function("encoder"):
-            x = self.encoder.forward_pixels(gather_tokens(patches, vis), vis, rng)  # [B, 1+V, D], only V embedded
-        with record_function("decoder"):
-            y = self.decoder_embed(x)  # [B, 1+V, Dd]
-            tokens = torch.cat([y[:, 1:], self.mask_token.to(y.dtype).expand(b, msk.shape[1], -1)], 1)  # [B, L, Dd]
-            # attention is permutation-equivariant: adding each token's own position replaces MAE's unshuffle
-            pos = gather_tokens(self.decoder_pos_embed.expand(b, -1, -1), torch.cat([vis, msk], dim=1)).to(y.dtype)
-            y = torch.cat([y[:, :1], tokens + pos], dim=1)  # cls (zero position) + L tokens
-            y = run_blocks(self.decoder_blocks, y, rng)
-            pred = self.decoder_pred(self.decoder_norm(y[:, 1 + vis.shape[1]:]))  # masked only [B, L-V, p*p*3]
-        with record_function("loss"):
-            return self.loss(gather_tokens(patches, msk), pred), {}
+        """imgs [B, 3, H, W], rng: the step's StepRandom, part_ids [B, L] (None: random masking) -> (loss, {})."""
+        vis_ids, mask_ids = self.mask(rng, part_ids)
+        patches = patchify(imgs, self.patch)  # [B, L, p*p*3]
+        latent = self.encoder.forward_pixels(gather_tokens(patches, vis_ids), vis_ids, rng)  # [B, 1+V, D]
+        pred = self.decoder(latent, vis_ids, mask_ids, rng)  # [B, L-V, p*p*3]: the masked patches only
+        return self.loss(gather_tokens(patches, mask_ids), pred), {}
 
     def loss(self, target, pred):
-        """MSE on the masked patches; norm_pix_loss: target <- (target - mean) / sqrt(var + 1e-6) per patch. Every image
+        """MSE on the masked patches, target [B, L-V, p*p*3] standardised per patch with norm_pix_loss. Every image
         has L - V masked patches, so the plain mean equals MAE's (loss * mask).sum() / mask.sum()."""
-        target = target.float()
-        if self.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        target = standardize_tokens(target) if self.norm_pix_loss else target.float()
         return ((pred.float() - target) ** 2).mean()
+
+
+def build_model(args, num_parts):
+    """Stage B's model from the flags; num_parts from the parts file (1 for --masking random)."""
+    encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
+    return SemMAE(encoder, num_parts, args.mask_ratio, args.decoder_dim, args.decoder_depth, args.decoder_heads,
+                  args.norm_pix_loss)
 
 
 def alpha_for_epoch(args, epoch):
@@ -293,21 +277,14 @@ def joint_transform(size, patch, num_parts, train=True):
 class WithParts:
     """A dataset with `load(i)` plus its part maps: load(i) -> (image, part map [h, w] uint8, label)."""
     def __init__(self, base, part_ids):
-        self.base, self.part_ids = base, part_ids
+        self.base, self.part_ids, self.path = base, part_ids, base.path
 
     def __len__(self):
         return len(self.base)
 
-    def path(self, i):
-        return self.base.path(i)
-
     def load(self, i):
         img, label = self.base.load(i)
         return img, self.part_ids[i], label
-
-
-def _key(path):  # class/file: the dataset may be moved or given by another (relative) path between the stages
-    return "/".join(Path(path).parts[-2:])
 
 
 def load_parts(path, dataset):
@@ -322,7 +299,8 @@ def load_parts(path, dataset):
     if len(paths) != n:
         raise UserError(f"{path} has parts for {len(paths)} images but the dataset has {n}; rerun `semmae.py parts` "
                         f"on this dataset (for --data synthetic: the same --synthetic-size and --seed)")
-    bad = next((i for i in range(n) if _key(paths[i]) != _key(dataset.path(i))), None)
+    key = lambda p: "/".join(Path(p).parts[-2:])  # class/file: the data may have moved between the stages
+    bad = next((i for i in range(n) if key(paths[i]) != key(dataset.path(i))), None)
     if bad is not None:
         raise UserError(f"{path} does not match the dataset: image {bad} is {dataset.path(bad)} in the dataset but "
                         f"{paths[bad]} in the parts file")
@@ -343,9 +321,36 @@ def colorize(ids, size):
     return F.interpolate(rgb[None], size=(size, size), mode="nearest")[0]
 
 
-def denorm(img):
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (img.float().cpu() * std + mean).clamp(0, 1)
+# ============================================================================================ the training loop
+def train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=False):
+    """The training loop of both stages (TrainRun only acts when called). schedule_alpha (stage B with semantic
+    masking): each epoch's alpha is set before its first step and logged."""
+    for epoch in range(run.epoch, args.epochs):
+        extra = {}
+        if schedule_alpha:  # a buffer: no recompile, no host sync
+            extra["alpha"] = alpha_for_epoch(args, epoch)
+            model.alpha.fill_(extra["alpha"])
+        batches = run.epoch_batches()
+        for step in run.steps():
+            set_lr(optimizer, run.lr(step))
+            step_loss = 0.0
+            for micro in range(args.accum):
+                imgs, *part_ids, _ = run.next_batch(batches)  # [imgs, part_ids, labels] in stage B with parts
+                with run.no_sync(ddp_model, micro), autocast(run.device):
+                    loss, metrics = ddp_model(imgs, run.step_random(step, micro), *part_ids)
+                (loss / args.accum).backward()
+                step_loss += loss.detach() / args.accum
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step_done(step, step_loss, {**metrics, **extra})
+            if args.save_every and run.step % args.save_every == 0:
+                run.save(model, optimizer, encoder)
+        if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop
+            run.save(model, optimizer, encoder)
+            break
+        run.end_epoch()
+        run.save(model, optimizer, encoder)
+    run.finish()
 
 
 # ==================================================================================================== stage A CLI
@@ -357,10 +362,9 @@ def preview_parts(model, base, path, device, count=8):
     imgs = torch.stack([tf(base.load(i)[0]) for i in range(min(count, len(base)))]).to(device)
     model.eval()
     cls, maps = model.maps(imgs)
-    recon, ids = model.decode(maps, cls), maps.argmax(1)
     tiles = []
-    for img, rec, pid in zip(imgs, recon, ids):
-        img, rec, col = denorm(img), denorm(rec), colorize(pid, size)
+    for img, rec, pid in zip(denormalize(imgs), denormalize(model.decode(maps, cls)), maps.argmax(1)):
+        col = colorize(pid, size)
         tiles += [img, rec, col, 0.5 * img + 0.5 * col]
     save_image(tiles, path, nrow=8, padding=1)
 
@@ -378,13 +382,7 @@ def extract_parts(model, base, args, run):
     for imgs, _, _ in tqdm(loader, desc="part ids", disable=not d.is_main, dynamic_ncols=True):
         with autocast(run.device):
             out.append(model.maps(imgs.to(run.device, non_blocking=True))[1].argmax(1).to(torch.uint8))
-    per_rank = -(-len(base) // d.world)
-    local = torch.cat(out)
-    local = torch.cat([local, local.new_zeros(per_rank - len(local), *local.shape[1:])])  # same shape on every rank
-    shards = [torch.empty_like(local) for _ in range(d.world)] if d.world > 1 else [local]
-    if d.world > 1:
-        torch_dist.all_gather(shards, local)
-    ids = torch.stack(shards, 1).flatten(0, 1)[:len(base)].cpu()  # rank r held images r, r + world, ...
+    ids = gather_rows(d, torch.cat(out), len(base)).cpu()  # [images, h, w] in dataset order
     if d.is_main:
         save_checkpoint(args.out, {"method": "semmae-parts", "part_ids": ids, "paths": [base.path(i) for i in
                         range(len(base))], "grid": [model.grid, model.grid], "num_parts": model.num_parts,
@@ -417,26 +415,18 @@ def main_parts(args):
     if teacher.config["img_size"] != args.input_size:
         raise UserError(f"the teacher {args.teacher} works at {teacher.config['img_size']} px; pass --input-size "
                         f"{teacher.config['img_size']}")
-    base = build_dataset(args.data, "train", args)
-    torch.manual_seed(args.seed)  # the same initialisation in every process
-    model = PartLearner(teacher, args.num_parts, args.dec_channels, args.div_weight)
+    base = build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size, seed=args.seed)
     run = TrainRun(args, "semmae-parts", SeededDataset(base, image_transform(part_transform(args.input_size, True))))
-    model.to(run.device)
-    optimizer = build_adamw(model, args.weight_decay, 0.0, no_weight_decay)
-    ddp_model = run.prepare(model, optimizer, teacher)
-    if args.vis:
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = PartLearner(teacher, args.num_parts, args.dec_channels, args.div_weight).to(run.device)
+    optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
+    encoder = model.teacher  # stage A trains no encoder: its checkpoints export the frozen teacher, for eval_probe.py
+    run.resume(model, optimizer)
+    if args.vis:  # a preview of the current model instead of training
         return preview_parts(model, base, args.vis, run.device) if run.dist.is_main else None
-    for _ in run.epochs():
-        model.train()
-        for _ in run.steps():
-            set_lr(optimizer, run.lr())
-            for micro, (imgs, _), rng in run.micro_batches():
-                with run.no_sync(ddp_model, micro), autocast(run.device):
-                    loss, metrics = ddp_model(imgs, rng)
-                run.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.end_step(metrics)
+    ddp_model = run.wrap(model)
+    run.measure_flops(model, torch.zeros(2, 3, args.input_size, args.input_size, device=run.device))
+    train(args, run, model, ddp_model, optimizer, encoder)
     extract_parts(model, base, args, run)
 
 
@@ -444,30 +434,37 @@ def main_parts(args):
 def vis_masks(args, base, parts, path, count=4):
     """PNG: per image, the image, its part map and the masks at alpha 0, 0.5 and 1 (masked patches greyed)."""
     from torchvision.utils import save_image
-    k, p, s = parts["num_parts"], args.patch_size or VIT_PRESETS[args.model][3], args.input_size
-    tf, g, grid = joint_transform(s, p, k, train=False), torch.Generator().manual_seed(args.seed), s // p
+    k, p, s = parts["num_parts"], preset_patch_size(args.model, args.patch_size), args.input_size
+    tf, grid, data = joint_transform(s, p, k, train=False), s // p, WithParts(base, parts["part_ids"])
+    rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, 1), 1)  # one image per draw, same figure per seed
     tiles = []
     for i in range(min(count, len(base))):
-        img, ids, _ = tf(*WithParts(base, parts["part_ids"]).load(i))
-        img, tiles = denorm(img), tiles + [denorm(img), colorize(ids.view(grid, grid), s)]
+        img, ids, _ = tf(*data.load(i))
+        img = denormalize(img)
+        tiles += [img, colorize(ids.view(grid, grid), s)]
         for alpha in (0.0, 0.5, 1.0):
-            _, msk = semantic_guided_masking(ids[None], args.mask_ratio, alpha, generator=g, num_parts=k)
-            keep = torch.ones(grid * grid).index_fill(0, msk[0], 0.0).view(1, 1, grid, grid)
+            _, mask_ids = semantic_guided_masking(ids[None], args.mask_ratio, alpha, rng, num_parts=k)
+            keep = torch.ones(grid * grid).index_fill(0, mask_ids[0], 0.0).view(1, 1, grid, grid)
             keep = F.interpolate(keep, size=(s, s), mode="nearest")[0]
             tiles.append(img * keep + 0.5 * (1 - keep))
     save_image(tiles, path, nrow=5, padding=1)
     print(f"wrote {path}")
 
 
-def bench(args, model, device, num_parts):
+def bench(args, num_parts=6):
     """--bench: the real training step (masking, forward, backward, AdamW) on random tensors already on the device."""
-    b, s, n = args.batch_size, args.input_size, model.encoder.num_patches
-    model.to(device).train().alpha.fill_(0.5)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    model = build_model(args, num_parts).to(device).train()
+    model.alpha.fill_(0.5)
+    b, s = args.batch_size, args.input_size
     inputs = [torch.randn(b, 3, s, s, device=device)]
     if args.masking == "semantic":
-        inputs.append(torch.randint(num_parts, (b, n), device=device))  # random part maps
+        inputs.append(torch.randint(num_parts, (b, model.encoder.num_patches), device=device))  # random part maps
+    labels = {"masking": (model, "mask"), "encoder": (model.encoder, "forward_pixels"),
+              "decoder": (model.decoder, "forward"), "loss": (model, "loss")}
     name = f"semmae-{args.masking}"
-    case = (model, inputs, build_adamw(model, args.weight_decay, 1e-4, no_weight_decay), None)
+    case = (model, inputs, build_adamw(model, args.weight_decay, 1e-4, no_weight_decay), None, labels)
     return benchmark({name: case}, device, args.bench_steps, args.compile, args.profile, args.seed)[name]
 
 
@@ -480,46 +477,27 @@ def main_pretrain(args):
     if semantic and not args.parts and not args.bench:
         raise UserError("--masking semantic needs --parts FILE from `semmae.py parts` (or use --masking random)")
     if args.bench:
-        torch.manual_seed(args.seed)
-        encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
-        return bench(args, SemMAE(encoder, 6, args.mask_ratio, args.decoder_dim, args.decoder_depth,
-                                  args.decoder_heads, args.norm_pix_loss), Dist(args.device).device, 6)
-    base = build_dataset(args.data, "train", args)
+        return bench(args)
+    base = build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size, seed=args.seed)
     parts = load_parts(args.parts, base) if args.parts else None
     if args.vis:
         if parts is None:
             raise UserError("--vis needs --parts")
         return vis_masks(args, base, parts, args.vis)
-    torch.manual_seed(args.seed)  # the same initialisation in every process
-    encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
-    num_parts = parts["num_parts"] if semantic else 1
-    model = SemMAE(encoder, num_parts, args.mask_ratio, args.decoder_dim, args.decoder_depth, args.decoder_heads,
-                   args.norm_pix_loss)
-    if semantic:
-        dataset = SeededDataset(WithParts(base, parts["part_ids"]),
-                                joint_transform(args.input_size, encoder.patch_size, num_parts))
-    else:
-        dataset = SeededDataset(base, image_transform(pretrain_transform(args.input_size)))
+    num_parts, patch = parts["num_parts"] if semantic else 1, preset_patch_size(args.model, args.patch_size)
+    dataset = (SeededDataset(WithParts(base, parts["part_ids"]), joint_transform(args.input_size, patch, num_parts))
+               if semantic else SeededDataset(base, image_transform(pretrain_transform(args.input_size))))
     run = TrainRun(args, "semmae", dataset)
-    model.to(run.device)
-    optimizer = build_adamw(model, args.weight_decay, 0.0, no_weight_decay)
-    ddp_model = run.prepare(model, optimizer, encoder)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = build_model(args, num_parts).to(run.device)
+    optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
+    encoder = model.encoder  # the ViT being pretrained: exported in every checkpoint for eval_probe.py
+    run.resume(model, optimizer)
+    ddp_model = run.wrap(model)
     fake = [torch.zeros(2, 3, args.input_size, args.input_size, device=run.device),
             torch.zeros(2, encoder.num_patches, dtype=torch.long, device=run.device)]
-    run.measure_flops(model, *fake[:2 if semantic else 1])  # for MFU in the log
-    for epoch in run.epochs():
-        model.train()
-        alpha = alpha_for_epoch(args, epoch)
-        model.alpha.fill_(alpha)
-        for _ in run.steps():
-            set_lr(optimizer, run.lr())
-            for micro, batch, rng in run.micro_batches():  # batch: images (and part ids)
-                with run.no_sync(ddp_model, micro), autocast(run.device):
-                    loss, metrics = ddp_model(batch[0], rng, *batch[1:2] if semantic else [])
-                run.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            run.end_step({**metrics, "alpha": alpha} if semantic else metrics)
+    run.measure_flops(model, *fake[:1 + semantic])  # images (and part ids)
+    train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=semantic)
 
 
 # ============================================================================================================= CLI

@@ -148,6 +148,21 @@ def test_stochastic_depth_from_step_random():
                           common.run_blocks(blocks, x), atol=1e-6)  # eval: no draw, no drop
 
 
+def test_stochastic_depth_in_training_needs_the_step_rng():
+    blocks = torch.nn.ModuleList([common.Block(16, 2, drop_path=0.1)]).train()
+    with pytest.raises(ValueError, match="rng"):
+        common.run_blocks(blocks, torch.randn(2, 3, 16))  # no silent draw from the global generator
+    with pytest.raises(ValueError, match="uniforms"):
+        common.drop_path(torch.ones(2, 3), 0.1, True)
+
+
+def test_preset_patch_size_lookup():
+    assert common.preset_patch_size("base") == 16 and common.preset_patch_size("huge") == 14
+    assert common.preset_patch_size("base", 8) == 8
+    with pytest.raises(UserError, match="unknown model 'giant'"):
+        common.preset_patch_size("giant")
+
+
 # ---------------------------------------------------------------------------------------------- patches and masks
 def test_patchify_round_trip_and_order():
     imgs = torch.randn(2, 3, 32, 48)[:, :, :, :32]
@@ -165,6 +180,45 @@ def test_random_masking_counts_and_partition():
     for b in range(5):
         assert sorted(torch.cat([vis[b], msk[b]]).tolist()) == list(range(196))
         assert noise[b, vis[b]].max() < noise[b, msk[b]].min()  # the smallest noise is visible
+
+
+def test_standardize_tokens_by_hand():
+    t = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    mean, var = 3.0, (2 ** 2 + 1 + 0 + 3 ** 2) / 3  # unbiased, as torch's .var() and MAE's norm_pix_loss
+    expected = torch.tensor([(v - mean) / math.sqrt(var + 1e-6) for v in (1.0, 2.0, 3.0, 6.0)])
+    assert torch.allclose(common.standardize_tokens(t)[0], expected, atol=1e-6)
+    assert common.standardize_tokens(t.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_mae_decoder_equals_mae_unshuffle_formulation():
+    """MAE puts the mask tokens at the masked positions (unshuffle), adds the position table in patch order, runs the
+    blocks and reads the masked rows; ours appends the mask tokens and adds each token's own position. Attention is
+    permutation-equivariant, so the two agree."""
+    torch.manual_seed(0)
+    grid, enc_dim, out_dim = 3, 16, 12
+    dec = common.MAEDecoder(enc_dim, grid, out_dim, decoder_dim=8, decoder_depth=2, decoder_heads=2).eval()
+    vis, msk = common.random_masking(torch.rand(2, grid * grid), 4)  # [2, 4], [2, 5]
+    latent = torch.randn(2, 5, enc_dim)  # [cls, 4 visible]
+    ours = dec(latent, vis, msk)  # [2, 5, out]
+    x = dec.embed(latent)
+    full = dec.mask_token.expand(2, grid * grid, -1).clone()  # [2, L, 8]: mask tokens everywhere ...
+    full.scatter_(1, vis[..., None].expand(-1, -1, 8), x[:, 1:])  # ... and the visible tokens at their positions
+    y = torch.cat([x[:, :1], full], 1) + dec.pos_embed  # cls at position row 0 (zeros)
+    for blk in dec.blocks:
+        y = blk(y)
+    mae = common.gather_tokens(dec.head(dec.norm(y[:, 1:])), msk)
+    assert ours.shape == (2, 5, out_dim)
+    assert torch.allclose(ours, mae, atol=1e-5)
+    assert dec.mask_token.std() > 0.01  # normal(0.02) init, as MAE
+    assert "pos_embed" not in dec.state_dict()  # fixed: rebuilt, not saved
+    assert torch.equal(common.MAEDecoder(enc_dim, grid, out_dim, 8, 1, 2, mask_token_std=0.0).mask_token,
+                       torch.zeros(1, 1, 8))
+
+
+def test_denormalize_inverts_the_normalisation():
+    img = torch.rand(3, 8, 8)
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(common.IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(common.denormalize((img - mean) / std), img, atol=1e-6)
 
 
 def test_step_random_is_independent_of_the_split():
@@ -315,6 +369,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert common.load_checkpoint(path)["step"] == 1
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, root):
     path = tmp_path / "checkpoint.pth"
     script = textwrap.dedent(f"""
@@ -387,34 +442,48 @@ class ToyMasked(torch.nn.Module):
 
 
 def toy_train(out, *flags):
+    """The training loop every method file writes out, on ToyMasked."""
     import argparse
     args = common.add_common_args(argparse.ArgumentParser()).parse_args(
         ["--data", "synthetic", "--input-size", "32", "--synthetic-size", "48", "--epochs", "2",
          "--warmup-epochs", "1", "--num-workers", "0", "--output-dir", str(out), *flags])
     common.check_common_args(args)
-    ds = SeededDataset(common.build_dataset(args.data, "train", args),
+    ds = SeededDataset(common.build_dataset(args.data, "train", size=32, length=48),
                        common.image_transform(common.pretrain_transform(32)))
     run = common.TrainRun(args, "toy", ds)
     torch.manual_seed(0)
     model = ToyMasked()
     opt = torch.optim.AdamW(common.param_groups(model, 0.05, lambda n, p: p.ndim < 2), betas=(0.9, 0.95))
-    ddp_model = run.prepare(model, opt, model.vit)
-    for _ in run.epochs():
-        for _ in run.steps():
-            common.set_lr(opt, run.lr())
-            for micro, (imgs, _), rng in run.micro_batches():
+    run.resume(model, opt)
+    ddp_model = run.wrap(model)
+    for _ in range(run.epoch, args.epochs):
+        batches = run.epoch_batches()
+        for step in run.steps():
+            common.set_lr(opt, run.lr(step))
+            step_loss = 0.0
+            for micro in range(args.accum):
+                imgs, _ = run.next_batch(batches)
                 with run.no_sync(ddp_model, micro):
-                    loss, metrics = ddp_model(imgs, rng)
-                run.backward(loss)
+                    loss, metrics = ddp_model(imgs, run.step_random(step, micro))
+                (loss / args.accum).backward()
+                step_loss += loss.detach() / args.accum
             opt.step()
             opt.zero_grad(set_to_none=True)
-            run.end_step(metrics)
+            run.step_done(step, step_loss, metrics)
+        if run.stopped_in_epoch():
+            run.save(model, opt, model.vit)
+            break
+        run.end_epoch()
+        run.save(model, opt, model.vit)
+    run.finish()
     return common.load_checkpoint(out / "checkpoint.pth")
 
 
 def test_train_run_accumulation_and_resume_equal_one_big_batch(tmp_path):
-    big = toy_train(tmp_path / "big", "--batch-size", "8")
+    big = toy_train(tmp_path / "big", "--batch-size", "8", "--keep-every", "1")
     assert big["epoch"] == 2 and big["step"] == 2 * (48 // 8) and big["chunk"] == 0
+    kept = [common.load_checkpoint(tmp_path / "big" / f"checkpoint-{e:04d}.pth") for e in (1, 2)]
+    assert [(k["epoch"], k["step"]) for k in kept] == [(1, 6), (2, 12)]  # a copy at the end of every epoch
     stopped = toy_train(tmp_path / "acc", "--batch-size", "4", "--accum", "2", "--max-steps", "5")
     assert (stopped["epoch"], stopped["step"], stopped["chunk"]) == (0, 5, 10)  # saved mid-epoch at the stop
     resumed = toy_train(tmp_path / "acc", "--batch-size", "4", "--accum", "2")

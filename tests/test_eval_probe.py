@@ -2,7 +2,6 @@
 (this project's format written by each training script after a couple of steps, and public timm / MAE layouts).
 To test another kind of checkpoint, add a maker to CHECKPOINT_MAKERS: tmp_path -> (checkpoint path, extra eval_probe
 flags, reference encoder)."""
-import importlib
 import json
 import math
 import sys
@@ -13,6 +12,7 @@ import torch
 
 import common
 import eval_probe as ep
+from conftest import run_inprocess, write_parts_file
 
 SIZE, N_TRAIN = 32, 48  # micro ViT at 32 px: 4 x 4 patches; --data synthetic with 48 train / 12 val images
 CPU = common.Dist("cpu")  # one process
@@ -143,9 +143,9 @@ def test_feature_pools_and_gather_order(monkeypatch):
         for r in range(3):
             shard = rows[r::3]
             parts[r].zero_()[:len(shard)] = shard
-    monkeypatch.setattr(ep.torch_dist, "all_gather", fake_all_gather)
+    monkeypatch.setattr(common.torch_dist, "all_gather", fake_all_gather)
     dist = SimpleNamespace(world=3, rank=1)
-    assert ep.gather_rows(dist, rows[1::3], 7).flatten().tolist() == list(range(7))
+    assert common.gather_rows(dist, rows[1::3], 7).flatten().tolist() == list(range(7))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint formats
@@ -189,12 +189,9 @@ def make_timm_wrapped(tmp_path):
 def make_script_checkpoint(name):
     """A checkpoint written by a training script (micro ViT, 32 px) after two optimizer steps."""
     def make(tmp_path):
-        from test_reliability import SCRIPTS, argv, write_parts_file
         parts = write_parts_file(tmp_path / "parts.pt")
-        module = importlib.import_module(SCRIPTS[name][0])
-        module.main(module.build_parser().parse_args(argv(name, tmp_path / "run", parts, "--max-steps", "2")))
+        assert run_inprocess(name, tmp_path / "run", parts, "--max-steps", "2")["step"] == 2
         path = tmp_path / "run" / "checkpoint.pth"
-        assert common.load_checkpoint(path)["step"] == 2
         return path, [], project_reference(path)
     return make
 

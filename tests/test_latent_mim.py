@@ -1,19 +1,19 @@
-"""Latent MIM: equations against hand computations, the jittered grid, masks, the momentum target, a short training
-run on synthetic data, and one step of the full default ViT-B/16 recipe on CPU."""
+"""Latent MIM: equations against hand computations, the jittered grid, masks, the momentum target, the decoders, a
+short training run on synthetic data, and one step of the full default ViT-B/16 recipe on CPU."""
 import json, math
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
-from common import StepRandom, UserError, build_adamw, get_2d_sincos_pos_embed, load_vit, patchify
+from common import (Block, MAEDecoder, UserError, build_adamw, get_2d_sincos_pos_embed, load_checkpoint, load_vit,
+                    patchify)
+from conftest import step_rng
 import latent_mim as lm
 
 MICRO = ["--data", "synthetic", "--model", "micro", "--input-size", "32", "--gap", "2", "--mask-ratio", "0.75",
          "--proj-dim", "32", "--decoder-dim", "32", "--decoder-heads", "4", "--decoder-depth", "2",
          "--num-workers", "0"]
-
 
 
 def micro_args(*extra):
@@ -22,8 +22,8 @@ def micro_args(*extra):
     return args
 
 
-def step_rng(batch, step=0):
-    return StepRandom.for_micro_step(0, step, 0, batch, 1, 0, 1, torch.device("cpu"))
+def micro_model(*extra):
+    return lm.build_model(micro_args(*extra))
 
 
 # ----------------------------------------------------------------------------------------------- grid and masks
@@ -32,11 +32,20 @@ def test_gap_zero_equals_patchify():
     assert torch.equal(lm.gap_patchify(imgs, 8, 0), patchify(imgs, 8))
 
 
+def test_gap_patchify_never_draws_from_the_global_generator():
+    imgs = torch.randn(2, 3, 40, 40)
+    with pytest.raises(ValueError, match="offsets or the rng"):
+        lm.gap_patchify(imgs, 8, 2)
+    state = torch.get_rng_state()
+    a = lm.gap_patchify(imgs, 8, 2, rng=step_rng(2))
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(a, lm.gap_patchify(imgs, 8, 2, rng=step_rng(2)))
+
+
 def test_gap_patchify_crops_each_cell_at_its_offset():
     B, p, gap, grid = 2, 4, 3, 3
     cell = p + gap
     imgs = torch.randn(B, 3, grid * cell, grid * cell)
-    offsets = torch.randint(gap, (B, grid * grid, 2))
+    offsets = torch.randint(gap, (B, grid * grid, 2), generator=torch.Generator().manual_seed(0))
     out = lm.gap_patchify(imgs, p, gap, offsets=offsets)
     assert out.shape == (B, grid * grid, p * p * 3)
     for b in range(B):
@@ -66,13 +75,15 @@ def test_jitter_range_from_step_random():
 
 def test_mask_counts():
     assert lm.num_visible(196, 0.9) == 20 and lm.num_visible(196, 0.75) == 49
-    model = lm.LatentMIM(micro_args())  # 32 px, patch 8 -> 16 patches; ratio 0.75 -> 4 visible
+    model = micro_model()  # 32 px, patch 8 -> 16 patches; ratio 0.75 -> 4 visible
     imgs = torch.randn(3, 3, model.crop, model.crop)
-    pixels, vis, tgt = model.views(imgs, step_rng(3))
+    pixels, vis_ids, mask_ids = model.mask(imgs, step_rng(3))
     assert model.crop == 40 and pixels.shape == (3, 16, 8 * 8 * 3)
-    assert vis.shape == (3, 4) and tgt.shape == (3, 12)
+    assert vis_ids.shape == (3, 4) and mask_ids.shape == (3, 12)
     for b in range(3):
-        assert sorted(vis[b].tolist() + tgt[b].tolist()) == list(range(16))
+        assert sorted(vis_ids[b].tolist() + mask_ids[b].tolist()) == list(range(16))
+    with pytest.raises(ValueError, match="40 px"):
+        model.mask(torch.randn(3, 3, 32, 32), step_rng(3))  # the grid of 8 + 2 px cells needs 40 px
 
 
 # ------------------------------------------------------------------------------------------------------- losses
@@ -195,20 +206,38 @@ def test_visual_cue_weights_stay_fp32_under_bf16_autocast():
 def test_decoder_passes_fp32_positions_to_the_visual_cues(monkeypatch):
     """Under autocast the decoder's features are bf16, but the cue weights must see the fp32 position table."""
     torch.manual_seed(0)
-    decoder = lm.LatentDecoder("cross-cues", 64, 4, dim=32, depth=1, num_heads=4)
+    decoder = lm.CrossDecoder(64, 4, decoder_dim=32, decoder_depth=1, decoder_heads=4)
     seen, real = {}, lm.visual_cue_queries
 
     def spy(*a):
         seen["args"], seen["q"] = a, real(*a)
         return seen["q"]
     monkeypatch.setattr(lm, "visual_cue_queries", spy)
-    vis_ids, tgt_ids = torch.tensor([[0, 5, 9]]), torch.tensor([[1, 2, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]])
+    vis_ids, mask_ids = torch.tensor([[0, 5, 9]]), torch.tensor([[1, 2, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = decoder(torch.randn(1, 4, 64), vis_ids, tgt_ids)
+        out = decoder(torch.randn(1, 4, 64), vis_ids, mask_ids)
     (m, p_t, p_v, z_v), q = seen["args"], seen["q"]
     table = decoder.pos_embed[0, 1:]  # [16, 32] fp32
-    assert torch.equal(p_t[0], table[tgt_ids[0]]) and torch.equal(p_v[0], table[vis_ids[0]])
+    assert torch.equal(p_t[0], table[mask_ids[0]]) and torch.equal(p_v[0], table[vis_ids[0]])
     assert q.dtype == torch.float32 and out.shape == (1, 13, 64)
+    assert torch.equal(m, decoder.mask_token)
+
+
+@pytest.mark.parametrize("kind", lm.DECODERS)
+def test_decoders_are_mae_decoders_with_zero_mask_token_and_the_old_keys(kind):
+    """'self' is common's MAEDecoder, 'cross' / 'cross-cues' its cross-attention subclass; all predict the online
+    width, start the mask token at zero (official code) and keep the checkpoint keys embed / mask_token /
+    (query_token) / blocks / norm / head; the position table is rebuilt, not saved."""
+    torch.manual_seed(0)
+    decoder = micro_model("--decoder", kind).decoder
+    assert isinstance(decoder, MAEDecoder) and isinstance(decoder, lm.CrossDecoder) == (kind != "self")
+    assert torch.count_nonzero(decoder.mask_token) == 0 and decoder.head.out_features == 64
+    cross = kind != "self"
+    prefixes = {k.split(".")[0] for k in decoder.state_dict()}
+    assert prefixes == {"embed", "mask_token", "blocks", "norm", "head"} | ({"query_token"} if cross else set())
+    assert type(decoder.blocks[0]) is (lm.CrossBlock if cross else Block)
+    if cross:
+        assert decoder.cues == (kind == "cross-cues") and 0.01 < decoder.query_token.std() < 0.03
 
 
 # ------------------------------------------------------------------------------------------- model and training
@@ -216,7 +245,7 @@ def test_decoder_passes_fp32_positions_to_the_visual_cues(monkeypatch):
                                                  ("joint", "cross", "none"), ("shared-stopgrad", "cross-cues", "mlp")])
 def test_gradients_reach_every_trainable_parameter_and_no_target_one(target, decoder, proj):
     torch.manual_seed(0)
-    model = lm.LatentMIM(micro_args("--target", target, "--decoder", decoder, "--proj", proj))
+    model = micro_model("--target", target, "--decoder", decoder, "--proj", proj)
     loss, metrics = model(torch.randn(2, 3, 40, 40), step_rng(2))
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -233,7 +262,7 @@ def test_gradients_reach_every_trainable_parameter_and_no_target_one(target, dec
 
 def test_momentum_target_starts_as_copy_and_follows_the_ema_rule():
     torch.manual_seed(0)
-    model = lm.LatentMIM(micro_args())
+    model = micro_model()
     pairs = lambda enc, proj: dict(enc.named_parameters()) | {f"proj.{n}": p for n, p in proj.named_parameters()}
     online, target = pairs(model.encoder, model.proj), pairs(model.target_encoder, model.target_proj)
     assert all(torch.equal(online[k], target[k]) for k in online)
@@ -242,24 +271,29 @@ def test_momentum_target_starts_as_copy_and_follows_the_ema_rule():
     opt.step()
     before = {k: v.detach().clone() for k, v in target.items()}
     assert not all(torch.equal(online[k], before[k]) for k in online)  # the optimizer moved the online encoder only
-    model.momentum_update(0.9)
+    model.update_teacher(0.9)
     for k in online:
         assert torch.allclose(target[k], 0.9 * before[k] + 0.1 * online[k], atol=1e-6), k
 
 
 def test_cli_validation():
+    """Each bad flag is a UserError before training: from check_args, or from build_vit for the encoder's sizes."""
     for bad in (["--mask-ratio", "1.0"], ["--mask-ratio", "0.99"], ["--crop-size", "32"], ["--input-size", "36"],
-                ["--gap", "-1"], ["--tau", "0"], ["--decoder-dim", "30"]):
+                ["--gap", "-1"], ["--tau", "0"], ["--decoder-dim", "30"], ["--model", "nano"]):
         with pytest.raises(UserError):
-            micro_args(*bad)
+            micro_model(*bad)
+    with pytest.raises(UserError, match="inconsistent"):
+        micro_args("--crop-size", "32")
     assert micro_args("--crop-size", "40").crop_size == 40
+    with pytest.raises(ValueError):
+        lm.LatentMIM(model="micro", input_size=32, decoder="crosss")  # the model's own arguments are checked too
 
 
 def test_training_steps_lower_the_default_loss():
     """PatchDisc + R, AdamW and EMA steps on one batch of synthetic images: the loss falls step after step."""
     args = micro_args()
     torch.manual_seed(0)
-    model, data = lm.LatentMIM(args), lm.train_dataset(args)
+    model, data = lm.build_model(args), lm.train_dataset(args)
     imgs = torch.stack([data[i, i][0] for i in range(8)])  # [8, 3, 40, 40]
     opt = build_adamw(model, 0.05, 2e-3, lm.no_weight_decay)
     losses = []
@@ -268,7 +302,7 @@ def test_training_steps_lower_the_default_loss():
         loss.backward()
         opt.step()
         opt.zero_grad()
-        model.momentum_update(0.99)
+        model.update_teacher(0.99)
         losses.append(loss.item())
     assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:6])
 
@@ -277,15 +311,17 @@ def test_main_run_logs_and_exports_the_online_encoder(tmp_path):
     args = lm.build_parser().parse_args(MICRO + [
         "--output-dir", str(tmp_path), "--synthetic-size", "32", "--batch-size", "8", "--accum", "1", "--epochs", "3",
         "--warmup-epochs", "0", "--lr", "1e-3", "--loss", "mse", "--log-every", "1"])
-    run = lm.main(args)
+    lm.main(args)
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[-1]["loss"] < 0.8 * rows[0]["loss"]
     assert {"loss", "lr", "momentum", "gamma", "sim_pred", "sim_vis", "sim_target"} <= set(rows[0])
     assert rows[-1]["momentum"] > rows[0]["momentum"] >= 0.99 and rows[-1]["gamma"] < rows[0]["gamma"] <= 0.75
     vit = load_vit(tmp_path / "checkpoint.pth")
     assert vit.config["img_size"] == 32  # the evaluation grid, gap 0
-    for (n, p), q in zip(run.model.encoder.state_dict().items(), vit.state_dict().values()):
-        assert torch.equal(p, q), n
+    state = load_checkpoint(tmp_path / "checkpoint.pth")["model"]
+    for n, q in vit.state_dict().items():  # the online encoder, not its EMA target
+        assert torch.equal(state[f"encoder.{n}"], q), n
+    assert not all(torch.equal(state[f"target_encoder.{n}"], q) for n, q in vit.state_dict().items())
 
 
 def test_vis_writes_the_figure(tmp_path):
@@ -301,7 +337,7 @@ def test_no_weight_decay_names():
     default ViT-B/16 model; the frozen momentum target is in no group."""
     args = lm.build_parser().parse_args(["--data", "synthetic"])
     lm.check_args(args)
-    model = lm.LatentMIM(args)
+    model = lm.build_model(args)
     enc = [f"encoder.blocks.{i}.{n}" for i in range(12) for n in (
         "norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
         "mlp.fc1.bias", "mlp.fc2.bias")]
@@ -337,11 +373,11 @@ def test_full_default_vit_b16_step_on_cpu():
     args = lm.build_parser().parse_args(["--data", "synthetic", "--batch-size", "2"])
     lm.check_args(args)
     torch.manual_seed(0)
-    model = lm.LatentMIM(args)
+    model = lm.build_model(args)
     assert (model.encoder.embed_dim, len(model.encoder.blocks), model.patch, model.crop) == (768, 12, 16, 280)
     assert (model.num_visible, model.num_patches, model.loss_kind, model.sim_weight) == (20, 196, "patchdisc", 0.05)
     assert model.proj[3].weight.shape == (4096, 4096) and len(model.decoder.blocks) == 3
-    assert model.decoder.kind == "cross-cues" and model.decoder.embed.out_features == 512
+    assert isinstance(model.decoder, lm.CrossDecoder) and model.decoder.cues and model.decoder.embed.out_features == 512
     opt = build_adamw(model, 0.05, 1e-4, lm.no_weight_decay)
     loss, metrics = model(torch.randn(2, 3, 280, 280), step_rng(2))
     loss.backward()
@@ -349,6 +385,6 @@ def test_full_default_vit_b16_step_on_cpu():
     w = model.target_encoder.blocks[0].attn.qkv.weight
     before = w.detach().clone()
     opt.step()
-    model.momentum_update(0.99)
+    model.update_teacher(0.99)
     online = model.encoder.blocks[0].attn.qkv.weight
     assert torch.allclose(w, 0.99 * before + 0.01 * online, atol=1e-7) and not torch.equal(w, before)

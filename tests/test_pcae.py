@@ -5,16 +5,13 @@ import json, math
 import pytest
 import torch
 
-from common import StepRandom, UserError, build_adamw, build_vit, load_checkpoint, patchify
+from common import UserError, build_adamw, build_vit, load_checkpoint, patchify, standardize_tokens
+from conftest import step_rng
 import pcae
-from pcae import PCAE, compress_tokens, cosine_loss, kept_count, similarity_scores, standardize, token_counts
+from pcae import PCAE, compress_tokens, cosine_loss, kept_count, similarity_scores, token_counts
 
 MICRO = ["--data", "synthetic", "--model", "micro", "--input-size", "32", "--num-workers", "0",
          "--decoder-dim", "64", "--decoder-depth", "2", "--decoder-heads", "4"]
-
-
-def local_rng(batch, seed=0):
-    return StepRandom(seed, 0, "cpu", slice(0, batch), batch)
 
 
 def micro_model(**kw):
@@ -62,6 +59,8 @@ def test_random_drop_keeps_the_lowest_noise():
     kept, kept_ids = compress_tokens(x, ids, 0.5, random=True, noise=noise)
     assert [set(r) for r in kept_ids.tolist()] == [{1, 3, 5, 7}, {0, 2, 6, 7}]
     assert torch.equal(kept, torch.stack([x[b, kept_ids[b]] for b in range(2)]))
+    with pytest.raises(ValueError, match="noise"):  # no silent draw from the global generator
+        compress_tokens(x, ids, 0.5, random=True)
 
 
 def test_random_drop_in_the_teacher_comes_from_the_step_random():
@@ -69,7 +68,7 @@ def test_random_drop_in_the_teacher_comes_from_the_step_random():
     patches = patchify(torch.randn(2, 3, 32, 32), 8)
 
     def stages(seed):
-        rng = local_rng(2, seed)
+        rng = step_rng(2, seed=seed)
         _, mask_ids = model.mask(rng)
         return [s.tolist() for s in model.teacher_forward(patches, mask_ids, rng)[2]]
 
@@ -95,7 +94,7 @@ def test_token_counts_vit_b16_224_mask_075():
     torch.manual_seed(0)  # ViT-B/16 geometry (12 blocks, 14x14 grid), narrow width to keep the test fast
     model = PCAE(build_vit("base", embed_dim=32, num_heads=2), decoder_dim=32, decoder_depth=1, decoder_heads=2)
     assert model.drop_after == [0, 4, 8] and model.num_visible == 49
-    rng = local_rng(2)
+    rng = step_rng(2)
     vis_ids, mask_ids = model.mask(rng)
     target, kept, stages = model.teacher_forward(patchify(torch.randn(2, 3, 224, 224), 16), mask_ids, rng)
     assert mask_ids.shape[1] == 147 and [s.shape[1] for s in stages] == [73, 36, 18] and target.shape == (2, 18, 32)
@@ -108,10 +107,13 @@ def test_token_counts_vit_b16_224_mask_075():
 def test_teacher_sees_only_the_masked_patches():
     model = micro_model()
     imgs = torch.randn(2, 3, 32, 32)
-    rng = local_rng(2)
+    rng = step_rng(2)
     vis_ids, mask_ids = model.mask(rng)
     patches = patchify(imgs, 8)
     target, kept, _ = model.teacher_forward(patches, mask_ids, rng)
+    assert target.dtype == torch.float32 and target.shape == (2, 1, 64)  # 12 masked -> 6 -> 3 -> 1 kept
+    assert torch.allclose(target.mean(-1), torch.zeros(2, 1), atol=1e-5)  # standardised per token
+    assert torch.allclose(target.var(-1), torch.ones(2, 1), atol=1e-4)
     changed = patches.clone()
     changed[torch.arange(2)[:, None], vis_ids] += 5.0  # visible patches changed: targets must not move
     assert torch.equal(model.teacher_forward(changed, mask_ids, rng)[0], target)
@@ -122,12 +124,15 @@ def test_teacher_sees_only_the_masked_patches():
 
 def test_target_standardisation_and_cosine_loss():
     t = torch.tensor([[[1.0, 2.0, 3.0, 6.0]]])
-    mean, var = 3.0, ((2 ** 2 + 1 + 0 + 3 ** 2) / 4)
+    mean, var = 3.0, ((2 ** 2 + 1 + 0 + 3 ** 2) / 3)  # unbiased variance, as the public code
     expected = torch.tensor([(v - mean) / math.sqrt(var + 1e-6) for v in (1.0, 2.0, 3.0, 6.0)])
-    assert torch.allclose(standardize(t)[0, 0], expected, atol=1e-6)
+    assert torch.allclose(standardize_tokens(t)[0, 0], expected, atol=1e-6)
     pred = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     target = torch.tensor([[[2.0, 0.0], [1.0, 1.0]]])  # cosines 1 and 1/sqrt(2)
     assert cosine_loss(pred, target).item() == pytest.approx(1 - (1 + 2 ** -0.5) / 2, abs=1e-6)
+    # a positive scale per token (biased vs unbiased variance) does not change the loss
+    assert cosine_loss(pred, target * torch.tensor([[[0.3], [7.0]]])).item() == pytest.approx(
+        1 - (1 + 2 ** -0.5) / 2, abs=1e-6)
 
 
 def test_teacher_exact_copy_no_gradient_and_ema():
@@ -135,8 +140,8 @@ def test_teacher_exact_copy_no_gradient_and_ema():
     s, t = model.student.state_dict(), model.teacher.state_dict()
     assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
     assert not any(p.requires_grad for p in model.teacher.parameters())
-    assert model.decoder_pred.out_features == model.student.embed_dim  # teacher width, not p*p*3 = 192
-    loss, _ = model(torch.randn(4, 3, 32, 32), local_rng(4))
+    assert model.decoder.head.out_features == model.student.embed_dim  # teacher width, not p*p*3 = 192
+    loss, _ = model(torch.randn(4, 3, 32, 32), step_rng(4))
     loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -166,19 +171,19 @@ def test_no_weight_decay_names():
     block_biases = ["norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
                     "mlp.fc1.bias", "mlp.fc2.bias"]
     block_weights = ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
-    no_decay = ({"student.patch_embed.proj.bias", "student.norm.weight", "student.norm.bias", "decoder_embed.bias",
-                 "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.bias"}
+    no_decay = ({"student.patch_embed.proj.bias", "student.norm.weight", "student.norm.bias", "decoder.embed.bias",
+                 "decoder.norm.weight", "decoder.norm.bias", "decoder.head.bias"}
                 | {f"student.blocks.{i}.{k}" for i in range(12) for k in block_biases}
-                | {f"decoder_blocks.{i}.{k}" for i in range(8) for k in block_biases})
-    decay = ({"student.patch_embed.proj.weight", "student.cls_token", "decoder_embed.weight", "mask_token",
-              "decoder_pred.weight"}
+                | {f"decoder.blocks.{i}.{k}" for i in range(8) for k in block_biases})
+    decay = ({"student.patch_embed.proj.weight", "student.cls_token", "decoder.embed.weight", "decoder.mask_token",
+              "decoder.head.weight"}
              | {f"student.blocks.{i}.{k}" for i in range(12) for k in block_weights}
-             | {f"decoder_blocks.{i}.{k}" for i in range(8) for k in block_weights})
+             | {f"decoder.blocks.{i}.{k}" for i in range(8) for k in block_weights})
     assert groups[0.0] == no_decay and len(no_decay) == 12 * 8 + 8 * 8 + 7
     assert groups[0.05] == decay and len(decay) == 12 * 4 + 8 * 4 + 5
     teacher = {n for n in names.values() if n.startswith("teacher.")}
     assert len(teacher) == 12 * 12 + 5 and not teacher & (groups[0.0] | groups[0.05])
-    assert not {n for n, _ in model.named_buffers()} & set(names.values())  # pos_embed, decoder_pos_embed
+    assert not {n for n, _ in model.named_buffers()} & set(names.values())  # pos_embed, decoder.pos_embed
 
 
 def test_training_lowers_the_loss(tmp_path):
@@ -194,6 +199,8 @@ def test_training_lowers_the_loss(tmp_path):
     # the exported encoder is the student; the teacher moved away from its initial copy only a little (m ~ 0.9999)
     assert torch.equal(ckpt["encoder"]["blocks.0.attn.qkv.weight"], model["student.blocks.0.attn.qkv.weight"])
     assert not torch.equal(model["teacher.blocks.0.attn.qkv.weight"], model["student.blocks.0.attn.qkv.weight"])
+    assert "decoder.head.weight" in model and "decoder.pos_embed" not in model  # fixed positions are not saved
+    assert ckpt["args"]["momentum"] == 0.9999
 
 
 def test_vis_writes_kept_patches(tmp_path):
@@ -222,7 +229,8 @@ def test_bench_pcae_cheaper_than_mae_style(capsys):
 
 @pytest.mark.parametrize("flags", [["--keep-ratio", "0"], ["--keep-ratio", "1.5"], ["--mask-ratio", "1"],
                                    ["--mask-ratio", "0"], ["--drop-after", "4"], ["--drop-after", "0,1,2,3,0"],
-                                   ["--drop-after", "a,b"], ["--keep-ratio", "0.1"], ["--decoder-dim", "66"]])
+                                   ["--drop-after", "a,b"], ["--keep-ratio", "0.1"], ["--decoder-dim", "66"],
+                                   ["--momentum", "1.5"]])
 def test_bad_flags_are_user_errors(flags, tmp_path):
     with pytest.raises(UserError):
         pcae.main(pcae.build_parser().parse_args(MICRO + flags + ["--output-dir", str(tmp_path)]))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from test_reliability import SCRIPTS, argv, parts_file  # noqa: F401  (parts_file is a fixture)
+from conftest import SCRIPTS, argv
 
 BENCH = {  # script -> bench flags on the micro preset
     "latent_mim": ["--gap", "2", "--proj-dim", "64", "--decoder-dim", "32", "--decoder-heads", "2"],
@@ -47,7 +47,7 @@ def test_training_flops_are_about_three_forwards():
     """The bench counts forward + backward with FlopCounterMode; the rule 'training = 3 x forward' checks it."""
     import semmae
     torch.manual_seed(0)
-    model = semmae.SemMAE(common.build_vit("small", img_size=64), num_parts=1, dec_dim=128, dec_depth=2, dec_heads=4)
+    model = semmae.SemMAE(common.build_vit("small", img_size=64), num_parts=1, decoder_dim=128, decoder_depth=2, decoder_heads=4)
     imgs = torch.randn(2, 3, 64, 64)
     rng = common.StepRandom(0, 0, torch.device("cpu"), slice(0, 2), 2)
     forward = common.count_flops(lambda: model(imgs, rng))
@@ -120,7 +120,7 @@ SYNCING = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu
            (torch.nn.functional, "one_hot")]
 DATA_PIPELINE = {"load", "__getitem__", "__iter__"}  # CPU work of the loader (in worker processes on a real run)
 ALLOWED = {  # project functions that may read a tensor on the host during training, and why that is no device sync
-    "steps",  # once per epoch: the DataLoader draws its base seed on the CPU
+    "epoch_batches",  # once per epoch: the DataLoader draws its base seed on the CPU
     "note_bad",  # the loader's CPU tensor of unreadable-file flags
     "_raise_if_bad",  # the pinned host copy of the previous step's finiteness flag
     "means",  # the log interval / epoch end
@@ -130,16 +130,20 @@ ALLOWED = {  # project functions that may read a tensor on the host during train
 
 @contextlib.contextmanager
 def record_host_reads(root, monkeypatch):
-    """While TrainRun.epochs() runs (the training loop, not set-up or what follows), record the innermost project
-    function of every call of a syncing tensor method or op."""
+    """While the training loop runs (from the first TrainRun.epoch_batches to TrainRun.finish: not set-up or what
+    follows), record the innermost project function of every call of a syncing tensor method or op."""
     calls, training = [], [False]
-    epochs = common.TrainRun.epochs
+    epoch_batches, finish = common.TrainRun.epoch_batches, common.TrainRun.finish
 
-    def recording_epochs(self):
+    def start(self):
         training[0] = True
-        yield from epochs(self)
+        return epoch_batches(self)
+
+    def stop(self):
         training[0] = False
-    monkeypatch.setattr(common.TrainRun, "epochs", recording_epochs)
+        return finish(self)
+    monkeypatch.setattr(common.TrainRun, "epoch_batches", start)
+    monkeypatch.setattr(common.TrainRun, "finish", stop)
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -157,7 +161,7 @@ def record_host_reads(root, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_no_host_sync_in_the_hot_loop(name, tmp_path, parts_file, root, monkeypatch):  # noqa: F811
+def test_no_host_sync_in_the_hot_loop(name, tmp_path, parts_file, root, monkeypatch):
     module = importlib.import_module(SCRIPTS[name][0])
     args = module.build_parser().parse_args(argv(name, tmp_path, parts_file, "--log-every", "1000"))
     with record_host_reads(root, monkeypatch) as calls:
@@ -168,8 +172,9 @@ def test_no_host_sync_in_the_hot_loop(name, tmp_path, parts_file, root, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------------ compile
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_compile_runs_and_keeps_checkpoint_keys_clean(name, tmp_path, parts_file, monkeypatch):  # noqa: F811
+def test_compile_runs_and_keeps_checkpoint_keys_clean(name, tmp_path, parts_file, monkeypatch):
     # dynamo traces the real model; the eager backend skips inductor's C++ build (minutes on CPU; see the README)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()

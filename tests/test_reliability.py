@@ -12,52 +12,7 @@ import pytest
 import torch
 
 import common
-
-TINY = ["--data", "synthetic", "--model", "micro", "--input-size", "32", "--synthetic-size", "48", "--epochs", "2",
-        "--warmup-epochs", "1", "--num-workers", "0", "--log-every", "1", "--batch-size", "4", "--accum", "1"]
-DECODER = ["--decoder-dim", "32", "--decoder-heads", "2", "--decoder-depth", "1"]
-SCRIPTS = {  # name -> (module, sub-command, flags)
-    "latent_mim": ("latent_mim", [], ["--gap", "2", "--proj-dim", "64", *DECODER]),
-    "pcae": ("pcae", [], DECODER),
-    "semmae": ("semmae", ["pretrain"], DECODER + ["--parts", "{parts}"]),
-    "semmae-parts": ("semmae", ["parts"], ["--teacher", "random", "--num-parts", "3", "--dec-channels", "32",
-                                           "--out", "{out}/parts.pt"]),
-}
-
-
-def write_parts_file(path):
-    """A SemMAE parts file for the 48 synthetic training images (4 x 4 patch grid, 3 parts)."""
-    ids = torch.randint(3, (48, 4, 4), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
-    common.save_checkpoint(path, {"method": "semmae-parts", "part_ids": ids, "grid": [4, 4], "num_parts": 3,
-                                  "paths": [f"synthetic:0:{i}" for i in range(48)], "image_size": 32})
-    return path
-
-
-@pytest.fixture
-def parts_file(tmp_path):
-    return write_parts_file(tmp_path / "parts.pt")
-
-
-def argv(name, out, parts, *extra, data="synthetic"):
-    module, sub, flags = SCRIPTS[name]
-    flags = [f.format(parts=parts, out=out) for f in flags]
-    tiny = [data if f == "synthetic" else f for f in TINY]
-    return [*sub, *tiny, *flags, "--output-dir", str(out), *extra]
-
-
-def run_inprocess(name, out, parts, *extra):
-    module = importlib.import_module(SCRIPTS[name][0])
-    module.main(module.build_parser().parse_args(argv(name, out, parts, *extra)))
-    return common.load_checkpoint(out / "checkpoint.pth")
-
-
-def script_cmd(name, root):
-    return [str(root / f"{SCRIPTS[name][0]}.py")]
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
+from conftest import SCRIPTS, argv, run_inprocess, script_cmd, subprocess_env
 
 def assert_same_state(a, b, atol, micro_per_step=1):
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] and a["chunk"] * micro_per_step == b["chunk"]
@@ -71,14 +26,15 @@ def assert_same_state(a, b, atol, micro_per_step=1):
 
 
 # ------------------------------------------------------------------------------------------------- kill and resume
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(name, tmp_path, parts_file, root):
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(name, tmp_path, parts_file):
     reference = run_inprocess(name, tmp_path / "straight", parts_file)
     assert reference["step"] == 2 * 48 // 4 and reference["epoch"] == 2
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, *script_cmd(name, root), *argv(name, out, parts_file, "--save-every", "1")]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, *script_cmd(name), *argv(name, out, parts_file, "--save-every", "1")]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt, deadline = out / "checkpoint.pth", time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill once the run is a few steps into epoch 0
         if ckpt.exists() and common.load_checkpoint(ckpt)["step"] >= 3:
@@ -96,14 +52,15 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(name, tmp_path, part
 
 
 # --------------------------------------------------------------------------------------------- DDP == one process
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_two_processes_equal_one_process_with_double_batch(name, tmp_path, parts_file, root):
+def test_two_processes_equal_one_process_with_double_batch(name, tmp_path, parts_file):
     steps = ["--max-steps", "3"]
     one = run_inprocess(name, tmp_path / "one", parts_file, *steps, "--batch-size", "8")
     accum = run_inprocess(name, tmp_path / "accum", parts_file, *steps, "--batch-size", "4", "--accum", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *script_cmd(name, root), *argv(name, tmp_path / "ddp", parts_file, *steps, "--batch-size", "4")]
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+           *script_cmd(name), *argv(name, tmp_path / "ddp", parts_file, *steps, "--batch-size", "4")]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = common.load_checkpoint(tmp_path / "ddp" / "checkpoint.pth")
     assert one["step"] == ddp["step"] == accum["step"] == 3
@@ -145,10 +102,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_non_finite_loss_exit_code_from_the_command_line(tmp_path, root):
     # a learning rate that blows the weights up: the real command exits non-zero with the one-line message
     cmd = [sys.executable, str(root / "pcae.py"), *argv("pcae", tmp_path, ""), "--lr", "1e30", "--save-every", "1"]
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 3
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -237,9 +195,10 @@ def test_bad_input_gets_a_one_line_error(tmp_path, parts_file, monkeypatch, caps
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (case, err)
 
 
+@pytest.mark.slow
 def test_bad_flag_from_the_command_line_has_no_traceback(tmp_path, root):
     done = subprocess.run([sys.executable, str(root / "latent_mim.py"), "--data", str(tmp_path / "missing")],
-                          env=env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == f"error: data directory not found: {tmp_path / 'missing'}"
 
 

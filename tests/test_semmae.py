@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import semmae
-from common import (StepRandom, UserError, build_dataset, build_vit, encoder_export, load_checkpoint, mix_seed,
-                    build_adamw, save_checkpoint)
+from common import (StepRandom, UserError, build_adamw, build_dataset, build_vit, denormalize, encoder_export,
+                    load_checkpoint, save_checkpoint)
+from conftest import step_rng
 
 TINY = ["--model", "micro", "--input-size", "32", "--num-workers", "0", "--batch-size", "8", "--synthetic-size", "16",
         "--warmup-epochs", "0", "--seed", "0"]
@@ -59,27 +60,27 @@ def test_alpha_schedule_first_and_last_epoch():
 
 def test_part_mask_counts_settings():
     sizes = torch.tensor([[6, 10, 3, 5, 0], [20, 1, 1, 1, 1]])  # L = 24 each, r L = 18
-    n0 = semmae.part_mask_counts(sizes, 0.75, 0.0, torch.Generator().manual_seed(0))
+    n0 = semmae.part_mask_counts(sizes, 0.75, 0.0, step_rng(2))
     # setting 1: round(0.75 a_k), half to even: 4.5 -> 4, 7.5 -> 8, 2.25 -> 2, 3.75 -> 4
     assert n0.tolist() == [[4, 8, 2, 4, 0], [15, 1, 1, 1, 1]]
-    for seed in range(20):
-        n1 = semmae.part_mask_counts(sizes, 0.75, 1.0, torch.Generator().manual_seed(seed))
+    orders = set()
+    for step in range(20):
+        n1 = semmae.part_mask_counts(sizes, 0.75, 1.0, step_rng(2, step))
         assert n1.sum(1).tolist() == [18, 18]  # setting 2 uses the whole budget floor(r L)
         partial = ((n1 > 0) & (n1 < sizes)).sum(1)
         assert (partial <= 1).all() and (n1 <= sizes).all()
-    # the blend is round((1 - alpha) n1 + alpha n2) with the same part order
-    g = lambda: torch.Generator().manual_seed(3)
-    n_half = semmae.part_mask_counts(sizes, 0.75, 0.5, g())
-    n2 = semmae.part_mask_counts(sizes, 0.75, 1.0, g())
-    assert n_half.tolist() == torch.round(0.5 * n0 + 0.5 * n2).long().tolist()
+        orders.add(tuple(n1[0].tolist()))
+    assert len(orders) > 1  # the parts are visited in a random order, drawn from the step's rng
+    # the blend of the two settings is checked against the per-image reference below (alpha 0.3, 0.5, 0.8)
 
 
-def reference_masking(part_ids, mask_ratio, alpha, num_parts, generator):
-    """The official algorithm, one image at a time with Python lists (same random draws)."""
+def reference_masking(part_ids, mask_ratio, alpha, num_parts, rng):
+    """The official algorithm, one image at a time with Python lists (same random draws from the StepRandom rng:
+    the patch permutation, then the order in which setting 2 visits the parts)."""
     b, n = part_ids.shape
     visible_count = int(n * (1 - mask_ratio))
-    perm_all = torch.rand(b, n, generator=generator).argsort(1)
-    order_all = torch.rand(b, num_parts, generator=generator).argsort(1)
+    perm_all = rng.rand(n).argsort(1)
+    order_all = rng.rand(num_parts).argsort(1)
     out = []
     for img in range(b):
         perm = perm_all[img].tolist()
@@ -108,10 +109,10 @@ def test_semantic_guided_masking_matches_reference(alpha, ratio):
     g = torch.Generator().manual_seed(1)
     part_ids = torch.randint(0, 4, (6, 49), generator=g)  # part 4 of 5 is empty
     part_ids[0, :30] = 0  # a dominant part
-    vis, msk = semmae.semantic_guided_masking(part_ids, ratio, alpha, torch.Generator().manual_seed(7), num_parts=5)
-    ref = reference_masking(part_ids, ratio, alpha, 5, torch.Generator().manual_seed(7))
+    vis_ids, mask_ids = semmae.semantic_guided_masking(part_ids, ratio, alpha, step_rng(6, 7), num_parts=5)
+    ref = reference_masking(part_ids, ratio, alpha, 5, step_rng(6, 7))
     for img, (rv, rm) in enumerate(ref):
-        assert sorted(vis[img].tolist()) == rv and sorted(msk[img].tolist()) == rm
+        assert sorted(vis_ids[img].tolist()) == rv and sorted(mask_ids[img].tolist()) == rm
 
 
 def test_setting2_budget_is_official_floor_at_ratio_09(monkeypatch):
@@ -122,8 +123,8 @@ def test_setting2_budget_is_official_floor_at_ratio_09(monkeypatch):
     assert semmae.setting2_budget(100, 0.29) == 29 and math.floor(100 * 0.29) == 28
     assert semmae.setting2_budget(torch.tensor([[196], [100]]), 0.9).tolist() == [[176], [90]]
     sizes = torch.tensor([[50, 40, 36, 30, 20, 20], [100, 60, 20, 10, 5, 1]])  # L = 196 each
-    for seed in range(10):
-        n2 = semmae.part_mask_counts(sizes, 0.9, 1.0, torch.Generator().manual_seed(seed))
+    for step in range(10):
+        n2 = semmae.part_mask_counts(sizes, 0.9, 1.0, step_rng(2, step))
         assert n2.sum(1).tolist() == [176, 176] and (n2 <= sizes).all()
     # inside semantic_guided_masking: setting 2 gets 176, then exactly int(196 * 0.1) = 19 patches stay visible
     seen, counts = [], semmae.part_mask_counts
@@ -133,10 +134,10 @@ def test_setting2_budget_is_official_floor_at_ratio_09(monkeypatch):
         return seen[-1][1]
     monkeypatch.setattr(semmae, "part_mask_counts", spy)
     part_ids = torch.randint(0, 6, (4, 196), generator=torch.Generator().manual_seed(0))
-    vis, msk = semmae.semantic_guided_masking(part_ids, 0.9, 1.0, torch.Generator().manual_seed(1), num_parts=6)
+    vis_ids, mask_ids = semmae.semantic_guided_masking(part_ids, 0.9, 1.0, step_rng(4, 1), num_parts=6)
     assert seen[0][0] == 176 and seen[0][1].sum(1).tolist() == [176] * 4
-    assert vis.shape == (4, 19) and msk.shape == (4, 177)
-    model = semmae.SemMAE(build_vit("micro", img_size=32), 4, 0.9, dec_dim=32, dec_depth=1, dec_heads=2)
+    assert vis_ids.shape == (4, 19) and mask_ids.shape == (4, 177)
+    model = semmae.SemMAE(build_vit("micro", img_size=32), 4, 0.9, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     assert model.budget == 14  # L = 16: floor(14.4), where 16 - int(1.6) = 15
 
 
@@ -144,16 +145,19 @@ def test_visible_count_exact_for_every_alpha():
     g = torch.Generator().manual_seed(2)
     for n, r in [(49, 0.75), (64, 0.75), (100, 0.29), (16, 0.5), (196, 0.9)]:
         part_ids = torch.randint(0, 6, (5, n), generator=g)
-        for alpha in torch.linspace(0, 1, 11).tolist():
-            vis, msk = semmae.semantic_guided_masking(part_ids, r, alpha, g, num_parts=6)
-            assert vis.shape == (5, int(n * (1 - r))) and msk.shape == (5, n - int(n * (1 - r)))
-            assert (torch.cat([vis, msk], 1).sort(1).values == torch.arange(n)).all()  # a partition of the patches
-    # in training the noise comes from StepRandom: same draws as a generator seeded with (seed, step)
+        for step, alpha in enumerate(torch.linspace(0, 1, 11).tolist()):
+            vis_ids, mask_ids = semmae.semantic_guided_masking(part_ids, r, alpha, step_rng(5, step), num_parts=6)
+            assert vis_ids.shape == (5, int(n * (1 - r))) and mask_ids.shape == (5, n - int(n * (1 - r)))
+            assert (torch.cat([vis_ids, mask_ids], 1).sort(1).values == torch.arange(n)).all()  # a partition
+    # the noise comes from the step's StepRandom: a batch split over processes (or micro-steps) gets the rows of
+    # the masks of the whole batch, so DDP and accumulation mask exactly as one process does
     part_ids = torch.randint(0, 6, (4, 49), generator=g)
-    rng = StepRandom(5, 3, torch.device("cpu"), slice(0, 4), 4)
-    a = semmae.semantic_guided_masking(part_ids, 0.75, 0.4, rng=rng, num_parts=6)
-    b = semmae.semantic_guided_masking(part_ids, 0.75, 0.4, torch.Generator().manual_seed(mix_seed(5, 3)), num_parts=6)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    whole = semmae.semantic_guided_masking(part_ids, 0.75, 0.4, step_rng(4, 3, seed=5), num_parts=6)
+    halves = [semmae.semantic_guided_masking(part_ids[rows], 0.75, 0.4,
+                                             StepRandom(5, 3, torch.device("cpu"), rows, 4), num_parts=6)
+              for rows in (slice(0, 2), slice(2, 4))]
+    for i in range(2):
+        assert torch.equal(torch.cat([h[i] for h in halves]), whole[i])
 
 
 def per_part(ids, chosen, k):
@@ -164,15 +168,15 @@ def test_alpha_one_masks_whole_parts_and_alpha_zero_every_part():
     g = torch.Generator().manual_seed(3)
     part_ids = torch.randint(0, 5, (16, 64), generator=g)
     sizes = F.one_hot(part_ids, 5).sum(1)
-    _, msk = semmae.semantic_guided_masking(part_ids, 0.75, 1.0, g, num_parts=5)
-    masked = per_part(part_ids, msk, 5)
+    _, mask_ids = semmae.semantic_guided_masking(part_ids, 0.75, 1.0, step_rng(16), num_parts=5)
+    masked = per_part(part_ids, mask_ids, 5)
     whole_or_none = (masked == 0) | (masked == sizes)
     assert ((~whole_or_none).sum(1) <= 1).all()  # at most one partially masked part per image
     # alpha = 0: round(r a_k) in every part (a layout where these add up to the budget r L = 12 of L = 16)
     part_ids = torch.tensor([[0] * 8 + [1] * 4 + [2] * 4]).repeat(8, 1)
     part_ids = part_ids.gather(1, torch.rand(8, 16, generator=g).argsort(1))  # scattered over the grid
-    _, msk = semmae.semantic_guided_masking(part_ids, 0.75, 0.0, g, num_parts=3)
-    assert (per_part(part_ids, msk, 3) == torch.tensor([6, 3, 3])).all()
+    _, mask_ids = semmae.semantic_guided_masking(part_ids, 0.75, 0.0, step_rng(8), num_parts=3)
+    assert (per_part(part_ids, mask_ids, 3) == torch.tensor([6, 3, 3])).all()
 
 
 # ----------------------------------------------------------------------------------------------- part maps and data
@@ -189,7 +193,7 @@ def test_part_map_follows_crop_and_flip():
         out, pixel_ids, _ = per_pixel(img, part_map, 0)  # "patches" of 1 pixel: the transformed map itself
         torch.manual_seed(seed)
         _, ids, _ = per_patch(img, part_map, 0)
-        grey = semmae.denorm(out)[0] * 255  # [S, S]
+        grey = denormalize(out)[0] * 255  # [S, S]
         from_img = (grey[:, :, None] - levels).abs().argmin(-1)  # part read back from the pixels
         labels = pixel_ids.view(1, 1, size, size).float()
         border = F.max_pool2d(labels, 5, 1, 2) != -F.max_pool2d(-labels, 5, 1, 2)  # within 2 px of another part
@@ -260,22 +264,20 @@ def test_part_ids_from_fp32_maps_under_autocast():
 def test_no_weight_decay_names():
     args = semmae.build_parser().parse_args(["pretrain", "--data", "synthetic"])
     torch.manual_seed(0)
-    encoder = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)  # ViT-B/16, 224 px
-    model = semmae.SemMAE(encoder, 6, args.mask_ratio, args.decoder_dim, args.decoder_depth, args.decoder_heads,
-                          args.norm_pix_loss)
+    model = semmae.build_model(args, 6)  # ViT-B/16, 224 px, decoder 8 x 512
     block = ["norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
              "mlp.fc1.bias", "mlp.fc2.bias"]
     expected = ({f"encoder.blocks.{i}.{n}" for i in range(12) for n in block} |
-                {f"decoder_blocks.{i}.{n}" for i in range(8) for n in block} |
-                {"encoder.patch_embed.proj.bias", "encoder.norm.weight", "encoder.norm.bias", "decoder_embed.bias",
-                 "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.bias"})
+                {f"decoder.blocks.{i}.{n}" for i in range(8) for n in block} |
+                {"encoder.patch_embed.proj.bias", "encoder.norm.weight", "encoder.norm.bias", "decoder.embed.bias",
+                 "decoder.norm.weight", "decoder.norm.bias", "decoder.head.bias"})
     names = dict(model.named_parameters())
     skipped = {n for n, p in names.items() if semmae.no_weight_decay(n, p)}
     assert skipped == expected and len(expected) == 12 * 8 + 8 * 8 + 7
     decayed = set(names) - skipped  # cls and mask tokens, patch embedding, every Linear weight
-    assert {"encoder.cls_token", "mask_token", "encoder.patch_embed.proj.weight"} <= decayed
-    assert len(decayed) == 3 + 20 * 4 + 2  # + qkv, proj, fc1, fc2 weights per block, decoder_embed, decoder_pred
-    assert "encoder.pos_embed" not in names and "decoder_pos_embed" not in names  # fixed sin-cos buffers
+    assert {"encoder.cls_token", "decoder.mask_token", "encoder.patch_embed.proj.weight"} <= decayed
+    assert len(decayed) == 3 + 20 * 4 + 2  # + qkv, proj, fc1, fc2 weights per block, decoder.embed, decoder.head
+    assert "encoder.pos_embed" not in names and "decoder.pos_embed" not in names  # fixed sin-cos buffers
     groups = build_adamw(model, 0.05, 1e-4, semmae.no_weight_decay).param_groups
     by_id = {id(p): n for n, p in names.items()}
     assert {g["weight_decay"]: {by_id[id(p)] for p in g["params"]} for g in groups} == {0.05: decayed, 0.0: expected}
@@ -317,7 +319,8 @@ def test_stage_a_writes_parts_that_stage_b_reads(tmp_path):
 
 def test_stage_b_steps_lower_loss():
     torch.manual_seed(0)
-    model = semmae.SemMAE(build_vit("micro", img_size=32), num_parts=4, dec_dim=32, dec_depth=1, dec_heads=2)
+    model = semmae.SemMAE(build_vit("micro", img_size=32), num_parts=4, decoder_dim=32, decoder_depth=1,
+                          decoder_heads=2)
     base = build_dataset("synthetic", "train", size=32, length=8)
     imgs = torch.stack([semmae.part_transform(32, False)(base.load(i)[0]) for i in range(8)])
     part_ids = torch.randint(0, 4, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -325,7 +328,7 @@ def test_stage_b_steps_lower_loss():
     model.alpha.fill_(0.5)
     losses = []
     for step in range(15):
-        loss, _ = model(imgs, StepRandom(0, step, torch.device("cpu"), slice(0, 8), 8), part_ids)
+        loss, _ = model(imgs, step_rng(8, step), part_ids)
         loss.backward()
         opt.step()
         opt.zero_grad()
