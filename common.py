@@ -9,21 +9,25 @@ Part 1, what a reader of the papers needs:
 Part 2, plumbing:
    6. data                          ImageFolder, synthetic shapes, transforms, seeded samples, resumable order
    7. processes and precision       torchrun layout, bf16 autocast, gathering rows of all processes
-   8. checkpoints                   atomic save, weights-only load, public ViT checkpoints
+   8. checkpoints                   atomic save (one-line disk-full error), weights-only load, public ViT
+                                    checkpoints, the output folder's lock
    9. optimizer                     AdamW with a weight-decay rule per method
-  10. logging and MFU               non-finite guard, progress and log.jsonl, FLOP counting
-  11. arguments and errors          the flags every script shares, one-line errors
+  10. logging and MFU               non-finite guard (and agreed stop requests), progress and log.jsonl, FLOP counting
+  11. arguments and errors          the flags every script shares, one-line errors, exit codes, SIGTERM / SIGUSR1
   12. the training run              the small state object and helpers that each method file's loop calls
   13. benchmark                     --bench / --profile and the data-loader benchmark
 
 Reproducibility (what makes kill/resume and DDP == one process exact):
 - the data order of epoch e is a permutation seeded by (seed, e); optimizer step s, accumulation micro-step a and
-  rank r always read the same slice of it (`ResumableSampler`), and a resumed epoch starts at the saved slice;
+  rank r always read the same slice of it (`ResumableSampler`), and a resumed epoch starts at the saved position,
+  stored in samples of that order: each optimizer step reads the same samples for any number of processes x batch x
+  accumulation with the same effective batch, so a resume may change that layout;
 - each sample's augmentation is seeded by (seed, epoch, index), so it does not depend on workers or processes;
 - model-side randomness (masks, jitter, drop path) comes from `StepRandom`: drawn for the whole optimizer-step batch
   from a generator seeded by (seed, step), of which each process and micro-step keeps its own rows.
 """
-import argparse, atexit, contextlib, json, math, os, sys, time
+import argparse, atexit, contextlib, errno, hashlib, json, math, os, shutil, signal, socket, sys, threading, time
+import weakref
 from pathlib import Path
 
 import torch
@@ -368,7 +372,10 @@ def ema_update(target, online, momentum):
 
 # ----------------------------------------------------------------------------------------------------------- 6. data
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's list
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's modes of 16-bit greyscale PNG / TIFF
+MAX_READ_TRIES = 10  # a sample's image and the next ones of its class tried before the run stops (SeededDataset)
+BAD_SHARE, BAD_MIN_SAMPLES = 0.1, 1000  # note_bad stops a run once this share of >= this many samples was unreadable
 
 
 def pretrain_transform(size, scale=(0.2, 1.0)):
@@ -395,22 +402,76 @@ def denormalize(imgs):
     return (imgs.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
+def read_image(path):
+    """The RGB PIL image of the regular file `path`. 16-bit greyscale (HIGH_BIT_MODES; "I" is how Pillow opens some
+    16-bit PNG / TIFF) is scaled to 8 bits, v -> round(v / 257) (65535 -> 255, 32768 -> 128), before the RGB
+    conversion, which would clip it to 255. Every failure is an OSError naming the file: not a regular file (a FIFO
+    named x.jpg is opened non-blocking and refused, not waited on), unreadable, truncated, not an image, or larger
+    than Pillow's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 M pixels by default: to read
+    such images, set `PIL.Image.MAX_IMAGE_PIXELS = None` or a larger number at the top of the script)."""
+    import stat
+    import numpy as np
+    from PIL import Image
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
+            with Image.open(f) as img:
+                if img.mode in HIGH_BIT_MODES:
+                    img = Image.fromarray(np.clip(np.rint(np.asarray(img) / 257), 0, 255).astype(np.uint8))
+                return img.convert("RGB")
+    except Exception as e:  # OSError, ValueError, SyntaxError, DecompressionBombError, ...: any is this file's fault
+        why = " ".join(str(e).split())  # one line
+        if isinstance(e, Image.UnidentifiedImageError):  # its message shows the file object, not the path
+            why = "cannot identify image file (not an image, or a format Pillow does not read)"
+        elif isinstance(e, Image.DecompressionBombError):
+            why += " (raise PIL.Image.MAX_IMAGE_PIXELS to read it)"
+        raise OSError(f"unreadable image {path}: {why}") from None
+
+
 class ImageFolder:
-    """root/<class>/<image> with clear errors for a missing path, no class folders or an empty class.
-    `load(i)` -> (PIL image, label); an unreadable image raises OSError naming its path."""
+    """root/<class>/<image> with clear errors for a missing path, no class folders, an unreadable or empty class
+    folder. Read: the regular files (or links to them) directly in a class folder whose extension is in
+    IMG_EXTENSIONS, as torchvision's ImageFolder (which also searches sub-folders). Everything else in a class folder
+    (other extensions such as .gif, FIFOs, devices, broken links, sub-folders) is skipped, counted in `skipped`
+    ({kind: count}) and reported in one line at start-up (on rank 0).
+    `load(i)` -> (PIL RGB image, label); an unreadable image raises OSError naming its path (see read_image).
+    `class_range(i)` -> (start, end): the samples of i's class, among which SeededDataset finds a replacement."""
     def __init__(self, root):
+        from collections import Counter
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"data directory not found: {root}")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
-        self.samples = []
+        self.samples, self.ranges, skipped = [], [], Counter()
+        read = f"read are regular files with the extensions {' '.join(IMG_EXTENSIONS)}"
         for label, name in enumerate(self.classes):
-            files = sorted(e.path for e in os.scandir(root / name) if e.name.lower().endswith(IMG_EXTENSIONS))
+            files, others = [], sum(skipped.values())
+            try:
+                for entry in os.scandir(root / name):
+                    if not entry.name.lower().endswith(IMG_EXTENSIONS):
+                        ext = os.path.splitext(entry.name)[1].lower() or "no extension"
+                        skipped["sub-folder" if entry.is_dir() else ext] += 1
+                    elif entry.is_file():  # follows links; False for FIFOs, devices, folders and broken links
+                        files.append(entry.path)
+                    else:
+                        skipped["not a regular file"] += 1
+            except OSError as e:
+                raise UserError(f"cannot read class folder {root / name} ({e.strerror or e})") from None
             if not files:
-                raise UserError(f"class folder {root / name} contains no images")
-            self.samples += [(f, label) for f in files]
+                others = sum(skipped.values()) - others
+                raise UserError(f"class folder {root / name} contains no images"
+                                + (f" ({others} other entries; {read})" if others else ""))
+            self.ranges.append((len(self.samples), len(self.samples) + len(files)))
+            self.samples += [(f, label) for f in sorted(files)]
+        self.skipped = dict(sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+        if skipped and int(os.environ.get("RANK", 0)) == 0:  # once, not once per process
+            kinds = ", ".join(f"{k}: {v}" for k, v in self.skipped.items())
+            print(f"note: {root}: skipped {sum(skipped.values())} entries of the class folders ({kinds}); {read}",
+                  file=sys.stderr, flush=True)
 
     def __len__(self):
         return len(self.samples)
@@ -418,14 +479,12 @@ class ImageFolder:
     def path(self, i):
         return self.samples[i][0]
 
+    def class_range(self, i):
+        return self.ranges[self.samples[i][1]]
+
     def load(self, i):
-        from PIL import Image
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated / non-image files
-            raise OSError(f"unreadable image {path}: {e}") from None
+        return read_image(path), label
 
 
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "cross",
@@ -493,26 +552,37 @@ def build_dataset(data, split, size=64, length=2048, seed=0):
 class SeededDataset(torch.utils.data.Dataset):
     """Wraps a dataset with `load(i)`: applies `transform` and survives unreadable files.
     Index with i (no seeding, for evaluation) or with (i, seed) from ResumableSampler: the augmentation's randomness
-    is then a function of the seed alone. An unreadable file is replaced by the next readable one and reported in
-    the returned `bad` field (its index, else -1) so that the main process can report it once and count it.
-    Returns (*transformed sample, bad)."""
+    is then a function of the seed alone. An unreadable image is replaced by the next readable one of its class
+    (wrapping around within the class: the label stays right and the choice is deterministic) and reported in the
+    returned `bad` field (its index, else -1) so that the main process can report it once and count it. When the
+    image and the next MAX_READ_TRIES - 1 of its class (or the whole class, if smaller) are unreadable, a DataError
+    stops the run. A base without classes (no `class_range`, also looked up through wrappers' `.base`) tries the
+    next images of the whole dataset. Returns (*transformed sample, bad)."""
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
+        source = base
+        while not hasattr(source, "class_range") and hasattr(source, "base"):  # through wrappers such as WithParts
+            source = source.base
+        self.class_range = getattr(source, "class_range", lambda i: (0, len(self.base)))
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, key):
         i, seed = key if isinstance(key, tuple) else (key, None)
-        bad = -1
-        for attempt in range(len(self.base)):
+        lo, hi = self.class_range(i)
+        tries = min(MAX_READ_TRIES, hi - lo)
+        for attempt in range(tries):
             try:
-                sample = self.base.load((i + attempt) % len(self.base))
+                sample = self.base.load(lo + (i - lo + attempt) % (hi - lo))
                 break
-            except OSError:
-                bad = i if bad < 0 else bad
+            except OSError as e:
+                error = e
         else:
-            raise RuntimeError("no readable image in the dataset")
+            what = (f"none of the {tries} images of the class of {self.base.path(i)} can be read" if tries == hi - lo
+                    else f"neither {self.base.path(i)} nor the next {tries - 1} images of its class can be read")
+            raise DataError(f"{what} (last: {error}); fix or remove the unreadable files")
+        bad = -1 if attempt == 0 else i
         if seed is None:
             return (*self.transform(*sample), bad)
         in_worker = torch.utils.data.get_worker_info() is not None
@@ -631,16 +701,45 @@ def autocast(device):
 
 
 # -------------------------------------------------------------------------------------------------- 8. checkpoints
+def state_nbytes(obj):
+    """Bytes of the tensors in a (nested) checkpoint state: about the size of its file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
+def size_text(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, fsync, then rename over `path`, so a kill never leaves a broken checkpoint."""
+    """Atomic: write a temporary file, fsync, then rename over `path`, so a kill never leaves a broken checkpoint.
+    A failed write removes the temporary file; a full disk or quota (OSError ENOSPC / EDQUOT, or torch's
+    "unexpected pos" RuntimeError while less space is free than the state needs) is a one-line UserError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        need, free = state_nbytes(state), shutil.disk_usage(path.parent).free
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) and need > free:
+            raise UserError(f"no space left to write {path}: it needs about {size_text(need)}, {size_text(free)} "
+                            f"are free (the write failed after {size_text(written)}); free some space or use another "
+                            f"--output-dir") from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e})") from None
+        raise
 
 
 def load_checkpoint(path):
@@ -680,17 +779,122 @@ def load_state(module, state, what, path):
         raise UserError(f"{path}: {what} does not match this model ({detail})") from None
 
 
-def check_output_dir(path):
-    """Create the output directory and make sure it is writable before hours of training."""
+def check_output_dir(path, prepare=None):
+    """Create the output directory and make sure it is writable before hours of training. prepare(path) runs in
+    between (TrainRun: take the folder's lock, then remove what a killed save left, which may fill the disk)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if prepare is not None:
+            prepare(path)
         probe = path / f".write_test{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise UserError(f"output directory {path} is not writable ({e.strerror or e})") from None
     return path
+
+
+LOCK_FILE = ".lock"  # in the output folder while a run trains there
+LOCK_HEARTBEAT_S = 30  # the owner refreshes the lock file's modification time this often
+LOCK_STALE_S = 300  # another host's lock whose heartbeat is older than this is stale: its owner was killed
+
+
+def process_start(pid):
+    """(alive, start) of process `pid` of this host; start: its start time in clock ticks since boot on Linux (tells a
+    reused pid apart), None where unknown. A zombie (ended, not yet reaped) is not alive."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (command)"
+        return fields[0] != "Z", fields[19]
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None
+    except PermissionError:  # alive, another user's
+        pass
+    return True, None
+
+
+def lock_heartbeat(path, stop):
+    while not stop.wait(LOCK_HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def release_lock(path, stop, mine):
+    stop.set()
+    with contextlib.suppress(OSError):
+        if path.read_text() in ("", mine):  # still ours (empty: created, never written)
+            path.unlink()
+
+
+class OutputLock:
+    """One training run per output folder. output-dir/.lock names its owner (host, boot id, pid, process start time,
+    start date); a daemon thread refreshes its modification time, the heartbeat, every LOCK_HEARTBEAT_S seconds. An
+    existing lock is taken over when its owner is this process (a run that ended by an exception in-process) or a
+    process of this host that has ended (pid gone or reused, or the host rebooted since). Another host's lock is
+    taken over once its heartbeat is LOCK_STALE_S seconds old: the run waits for that (a requeue on another node
+    after a hard kill), and is refused if the owner is still alive after that long. A live owner of this host: refused
+    at once. Refusals are a one-line UserError naming the owner. Removed by `release` or when the process ends."""
+    def __init__(self, folder):
+        self.path = Path(folder) / LOCK_FILE
+        boot = Path("/proc/sys/kernel/random/boot_id")
+        self.me = {"host": socket.gethostname(), "boot": boot.read_text().strip() if boot.exists() else "",
+                   "pid": os.getpid(), "start": process_start(os.getpid())[1],
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        waited, poll = 0.0, min(5.0, LOCK_STALE_S / 10)
+        while True:
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # atomic, also on NFS
+                break
+            except FileExistsError:
+                text, who, state = self.holder()
+            if state in ("ours", "ended"):
+                if state == "ended" and text is not None:
+                    print(f"warning: taking over the lock of {who}: that run has ended", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    if self.path.read_text() == text:  # not replaced by another run meanwhile
+                        self.path.unlink()
+                continue
+            if state == "live" or waited >= LOCK_STALE_S:
+                raise UserError(f"{self.path.parent} is in use by another run: {who}; wait for it to end or use "
+                                f"another --output-dir")
+            if waited == 0:
+                print(f"{self.path.parent} is locked by {who} on another host: waiting up to {LOCK_STALE_S} s for "
+                      f"its heartbeat to stop", flush=True)
+            time.sleep(poll)
+            waited += poll
+        self.stop = threading.Event()
+        self.release = weakref.finalize(self, release_lock, self.path, self.stop, json.dumps(self.me))
+
+    def holder(self):
+        """(text of the lock file, its owner in words, state): 'ours' (this process), 'ended' (stale), 'live' (a
+        process of this host), 'remote' (another host's, or not written yet, with a fresh heartbeat)."""
+        try:
+            text, age = self.path.read_text(), time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None, "nobody", "ended"
+        try:
+            owner = json.loads(text)
+        except ValueError:  # empty: its owner is writing it, or could not (a full disk)
+            owner = {}
+        who = f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {owner.get('started', '?')}"
+        if owner.get("host") != self.me["host"] or not isinstance(owner.get("pid"), int):
+            return text, who, "remote" if age < LOCK_STALE_S else "ended"
+        if owner.get("boot") != self.me["boot"]:
+            return text, who, "ended"  # the host rebooted since
+        if owner.get("pid") == self.me["pid"]:
+            return text, who, "ours"
+        alive, start = process_start(owner.get("pid"))
+        return text, who, "live" if alive and start == owner.get("start") else "ended"
+
+    def start(self):
+        """Write the owner into the lock and start the heartbeat. After the folder's clean-up: on a disk that a killed
+        save filled, this write needs the space that the clean-up freed."""
+        self.path.write_text(json.dumps(self.me))
+        threading.Thread(target=lock_heartbeat, args=(self.path, self.stop), daemon=True).start()
 
 
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
@@ -752,6 +956,8 @@ def load_vit(path, num_heads=None):
         config = {**config, "num_heads": num_heads}
     vit = ViT(**config)
     load_state(vit, state, "the encoder", path)
+    ours = "encoder_args" in ckpt and "method" in ckpt  # the training position: this project's checkpoints only
+    vit.checkpoint_position = {k: ckpt.get(k) if ours else None for k in ("step", "epoch")}
     return vit
 
 
@@ -779,21 +985,32 @@ def set_lr(optimizer, lr):
 
 # ---------------------------------------------------------------------------------------------- 10. logging and MFU
 class NonFiniteGuard:
-    """Stops training on a NaN / inf loss without a host sync per step: the finiteness flag of step t is copied to
-    pinned memory asynchronously and read at step t + 1 (or at `flush`, before every checkpoint)."""
-    def __init__(self):
-        self.pending = None
+    """Stops training on a NaN / inf loss, and lets every process see a stop request (SIGTERM / SIGUSR1, see
+    `stop_signal`) after the same step, without a host sync per step: step t's two flags (loss not finite, stop
+    asked) are combined over the processes (with `dist`: an asynchronous all-reduce MAX), copied to pinned memory
+    asynchronously and read at step t + 1 (or at `flush`, before every checkpoint). Every process then raises at the
+    same step, or finds `stop` True after the same step (a single process finds its own request at once)."""
+    def __init__(self, dist=None):
+        self.dist, self.pending, self.stop = dist, None, False
 
     def check(self, loss, step):
-        flag = torch.isfinite(loss.detach()).all()
-        event = None
-        if flag.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
+        asked = stop_signal() is not None
+        flags = torch.stack([~torch.isfinite(loss.detach()).all(), torch.full((), asked, device=loss.device)]).float()
+        work = event = None
+        if self.dist is not None and self.dist.world > 1:
+            work = torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX, async_op=True)
+        else:
+            self.stop = self.stop or asked
+        if flags.device.type == "cuda":
+            if work is not None:  # NCCL: the copy below waits for the all-reduce on the device, the host does not
+                work.wait()
+                work = None
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            flag = host
-        previous, self.pending = self.pending, (flag, event, step)
+            flags = host
+        previous, self.pending = self.pending, (flags, work, event, step)
         if previous is not None:
             self._raise_if_bad(*previous)
 
@@ -802,11 +1019,14 @@ class NonFiniteGuard:
             self._raise_if_bad(*self.pending)
             self.pending = None
 
-    @staticmethod
-    def _raise_if_bad(flag, event, step):
+    def _raise_if_bad(self, flags, work, event, step):
+        if work is not None:
+            work.wait()  # gloo: step t's all-reduce, done in the background meanwhile
         if event is not None:
             event.synchronize()  # waits for step t only, while step t + 1 is already queued
-        if not bool(flag):
+        bad, stop = flags.tolist()
+        self.stop = self.stop or stop > 0
+        if bad > 0:
             raise FloatingPointError(f"non-finite loss at step {step}; training stopped, the checkpoint on disk is "
                                      f"the last good one")
 
@@ -818,7 +1038,7 @@ class StepLogger:
     def __init__(self, dist, output_dir, every=20, total_steps=None):
         self.dist, self.every, self.total_steps = dist, every, total_steps
         self.log_path = Path(output_dir) / "log.jsonl"
-        self.bad_seen, self.bad_in_epoch = set(), 0
+        self.bad_seen, self.bad_in_epoch, self.bad_read, self.samples_read = set(), 0, 0, 0
         self.flops_per_image, self.peak = None, device_peak_flops(dist.device)
         self.bar = None  # made at the first step, which may follow a resume
         self.start_epoch()
@@ -836,12 +1056,19 @@ class StepLogger:
         return out
 
     def note_bad(self, bad, dataset):
-        """bad: CPU tensor of indices of unreadable files in the batch (-1 where fine); reports each file once."""
+        """bad: CPU tensor [B] of indices of unreadable files in the batch (-1 where fine); reports each file once.
+        Stops the run (DataError) when more than BAD_SHARE of the samples this process read since start-up, once they
+        are at least BAD_MIN_SAMPLES, were unreadable: such data needs fixing, not training (a whole unreadable class
+        already stops SeededDataset)."""
+        self.samples_read += len(bad)
         for i in bad[bad >= 0].tolist():
-            self.bad_in_epoch += 1
+            self.bad_in_epoch, self.bad_read = self.bad_in_epoch + 1, self.bad_read + 1
             if i not in self.bad_seen:
                 self.bad_seen.add(i)
                 print(f"warning: skipped unreadable image {dataset.path(i)}", file=sys.stderr, flush=True)
+        if self.samples_read >= BAD_MIN_SAMPLES and self.bad_read > BAD_SHARE * self.samples_read:
+            raise DataError(f"{self.bad_read} of the {self.samples_read} images read so far were unreadable (more "
+                            f"than {BAD_SHARE:.0%}); fix or remove the files reported above")
 
     def update(self, step, metrics, images, data_time):
         """metrics: dict of 0-d tensors (kept on device) or floats; logs every `every` steps. step: steps done."""
@@ -941,19 +1168,58 @@ class UserError(Exception):
     """A problem with the user's input (paths, flags, files): printed as one line, exit code 2, no traceback."""
 
 
+class DataError(UserError):
+    """Too many unreadable images to go on. Raised in a loader worker, it reaches the main process re-created by the
+    DataLoader from a message that ends with the worker's traceback: only its last line, the message, is kept."""
+    def __init__(self, msg):
+        if "\nOriginal Traceback" in msg:
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(msg)
+
+
+EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_REQUEUE = 2, 3, 75  # 75: EX_TEMPFAIL of sysexits.h, "try again later"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and Kubernetes send some time before a kill
+_stop_signal = [None]
+
+
+class Requeue(Exception):
+    """Training stopped on a stop request after its checkpoint was written: exit code EXIT_REQUEUE, run it again."""
+
+
+def stop_signal():
+    """The stop signal (SIGTERM / SIGUSR1) that this process received since run_main started, or None."""
+    return _stop_signal[0]
+
+
+def _note_stop_signal(signum, frame):  # only noted: the loop saves after the current optimizer step, then exits
+    _stop_signal[0] = signum
+
+
 def run_main(main, parser):
-    """Start-up of every script: parse the flags, set the precision flags, run `main(args)`. User errors become a
-    one-line message and exit code 2, a non-finite loss exit code 3 (no traceback: the message says what to fix)."""
+    """Start-up of every script: parse the flags, set the precision flags, catch SIGTERM / SIGUSR1 (the training loop
+    then saves after the current optimizer step and stops), run `main(args)`. One line and an exit code, no
+    traceback: 2 for a user error, 3 for a non-finite loss, 75 (EXIT_REQUEUE) for a stop request after its checkpoint;
+    under torchrun every process exits so (torchrun's own exit code is 1 then: see the README, Long runs)."""
     args = parser.parse_args()
     set_precision_flags()
+    _stop_signal[0] = None
+    previous = {s: signal.signal(s, _note_stop_signal) for s in STOP_SIGNALS}
     try:
         main(args)
-    except (UserError, FloatingPointError) as e:
+    except (UserError, FloatingPointError, Requeue) as e:
         from tqdm import tqdm
         for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
             bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 3)
+        print(f"{'stopped' if isinstance(e, Requeue) else 'error'}: {e}", file=sys.stderr)
+        sys.exit(EXIT_REQUEUE if isinstance(e, Requeue) else EXIT_USER_ERROR if isinstance(e, UserError) else
+                 EXIT_NON_FINITE)
+    finally:
+        _stop_signal[0] = None
+        # Under torchrun, a process that exits with an error code makes torchrun SIGTERM the others, which may be
+        # exiting with the same code: they ignore it (SIG_IGN also holds through Python's shutdown) to keep theirs.
+        several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN if several else handler)
 
 
 def add_common_args(parser):
@@ -978,7 +1244,8 @@ def add_common_args(parser):
     a("--save-every", type=int, default=0, help="also checkpoint every N optimizer steps (0: at epoch ends only)")
     a("--keep-every", type=int, default=0, help="keep a copy of the checkpoint every N epochs (0: only the latest)")
     a("--log-every", type=int, default=20, help="progress bar refresh interval in steps")
-    a("--resume", default="", help="checkpoint to resume from (default: output-dir/checkpoint.pth if it exists)")
+    a("--resume", default="", help="checkpoint that seeds a new run; once output-dir has its own checkpoint.pth, "
+                                   "the run continues from that one")
     a("--max-steps", type=int, default=0, help="stop after this many optimizer steps in total (0: no limit)")
     a("--synthetic-size", type=int, default=2048, help="number of training images of --data synthetic")
     return parser
@@ -993,26 +1260,60 @@ def add_bench_args(parser):
 
 
 def check_common_args(args):
-    for name in ("epochs", "batch_size", "accum", "log_every"):
+    for name in ("epochs", "batch_size", "accum", "log_every", "synthetic_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+    if args.patch_size is not None and args.patch_size < 1:
+        raise UserError("--patch-size must be at least 1")
+    if not 0 <= args.warmup_epochs <= args.epochs:  # also refuses nan
         raise UserError("--warmup-epochs must be between 0 and --epochs")
-    if args.num_workers < 0 or args.save_every < 0 or args.max_steps < 0:
-        raise UserError("--num-workers, --save-every and --max-steps must be non-negative")
+    if args.num_workers < 0 or args.save_every < 0 or args.max_steps < 0 or args.keep_every < 0:
+        raise UserError("--num-workers, --save-every, --max-steps and --keep-every must be non-negative")
+    check_lr_and_device(args)
+
+
+def check_lr_and_device(args):
+    """Flags that pretraining and eval_probe.py share: finite positive --blr / --lr, finite non-negative
+    --weight-decay, and --device cuda only where there is a GPU."""
+    for name in ("blr", "lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a finite positive number, got {value}")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be a finite non-negative number, got {args.weight_decay}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU (use --device cpu or auto)")
 
 
 # -------------------------------------------------------------------------------------------- 12. the training run
+FREE_FLAGS = {  # flags that a resume may change: they do not change what is trained (see TrainRun.check_resume)
+    "output_dir", "resume", "num_workers", "log_every", "save_every", "keep_every", "device", "compile", "max_steps",
+    "bench", "bench_steps", "profile", "bench_baseline", "vis", "vis_images", "preview", "out",
+    "batch_size", "accum",  # the effective batch (processes x batch x accum) is compared instead
+    "data",  # a dataset that moved: its images (count and names) are compared instead
+    "eval_every", "output", "nb_knn", "temperature", "loo", "cached",  # eval_probe.py: evaluation only
+}
+
+
+def training_changes(saved, now):
+    """The flags whose value differs between a checkpoint's arguments and this run's, among those that change what
+    is trained (not FREE_FLAGS), as '--flag old -> new'. Flags that one of the two runs does not have are skipped."""
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in now.items()
+            if k in saved and k not in FREE_FLAGS and saved[k] != v]
+
+
 class TrainRun:
-    """One pretraining run: where it is (epoch, global step, micro-batches of the epoch done; saved in every checkpoint
-    and restored by `resume`) and the plumbing that the loop in each method file calls, in this order: `resume`,
-    `wrap`, then per epoch `epoch_batches` and `steps`, per step `lr`, `next_batch` / `step_random` / `no_sync` for
-    each micro-batch, `step_done`, and `save` / `end_epoch`. It acts only when called."""
+    """One pretraining run: where it is (epoch, global step, optimizer steps of the epoch done; saved in every
+    checkpoint and restored by `resume`) and the plumbing that the loop in each method file calls, in this order:
+    `resume`, `wrap`, then per epoch `epoch_batches` and `steps`, per step `lr`, `next_batch` / `step_random` /
+    `no_sync` for each micro-batch, `step_done`, `preempted` (then `save` and `exit_for_requeue`), and `save` /
+    `end_epoch`. It acts only when called, apart from the output folder's lock, taken at the start (OutputLock)."""
     def __init__(self, args, method, dataset):
         self.args, self.method, self.dataset = args, method, dataset
         self.dist = Dist(args.device)
         self.device = self.dist.device
-        self.out = check_output_dir(args.output_dir)
+        self.out, self.lock = Path(args.output_dir), None
+        self.all_processes(lambda: check_output_dir(self.out, self.claim) if self.dist.is_main else None)
         a, d = args, self.dist
         self.sampler = ResumableSampler(len(dataset), a.batch_size, d.world, d.rank, a.accum, a.seed)
         self.loader = make_loader(dataset, a.batch_size, a.num_workers, self.sampler)
@@ -1020,30 +1321,124 @@ class TrainRun:
         self.total_steps = self.steps_per_epoch * a.epochs
         self.effective_batch = a.batch_size * d.world * a.accum
         self.peak_lr = a.lr if a.lr is not None else a.blr * self.effective_batch / 256
-        self.epoch = self.chunk = self.step = 0  # chunk: micro-batches of the current epoch already trained
-        self.current_lr, self.data_time = 0.0, 0.0
-        self.guard = NonFiniteGuard()
+        self.epoch = self.step = self.epoch_step = 0  # epoch_step: optimizer steps of the current epoch already done
+        self.current_lr, self.data_time, self.images = 0.0, 0.0, None
+        self.guard = NonFiniteGuard(d)
         self.logger = StepLogger(d, self.out, a.log_every, self.total_steps)
         d.print(f"{method}: {len(dataset)} images, {self.steps_per_epoch} steps/epoch, effective batch "
                 f"{self.effective_batch}, lr {self.peak_lr:.3g}, device {self.device}, {d.world} process(es)")
 
+    def all_processes(self, fn):
+        """fn() on every process -> the list of every process's result. A UserError on any process is raised on all
+        of them (naming the process), so that they stop together with one clear message instead of hanging in the
+        next collective. Used at start-up, resume and save."""
+        if self.dist.world == 1:
+            return [fn()]
+        failure = None
+        try:
+            mine = (fn(), None)
+        except Exception as e:  # a UserError, or a bug (raised as it is here): the others must not wait for this one
+            failure, mine = e, (None, str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+        every = [None] * self.dist.world
+        torch_dist.all_gather_object(every, mine)
+        for rank, (_, error) in enumerate(every):
+            if error is not None:
+                if failure is not None and not isinstance(failure, UserError):
+                    raise failure
+                raise UserError(f"process {rank}: {error}")
+        return [result for result, _ in every]
+
+    def claim(self, folder):
+        """Process 0, inside check_output_dir: lock the output folder (OutputLock) before anything is removed, then
+        remove only what a save killed half-way left (.checkpoint*.tmp*)."""
+        self.lock = OutputLock(folder)
+        for stale in folder.glob(".checkpoint*.tmp*"):
+            stale.unlink(missing_ok=True)
+        self.lock.start()
+
+    def image_names(self):
+        """The training images as a resume compares them: their count and a hash of their names (class folder / file;
+        not the path above it, so that a dataset copied elsewhere still matches)."""
+        if self.images is None:
+            base, digest = getattr(self.dataset, "base", self.dataset), hashlib.sha1()
+            for i in range(len(base)):
+                digest.update(("/".join(str(base.path(i)).replace(os.sep, "/").rsplit("/", 2)[-2:]) + "\n").encode())
+            self.images = {"count": len(base), "sha1": digest.hexdigest()}
+        return self.images
+
     def resume(self, model, optimizer):
-        """Continue from --resume, or from output-dir/checkpoint.pth when there is one: weights (teachers included),
-        optimizer state and position. Temporary files of a save that was killed half-way are removed first."""
-        if self.dist.is_main:
-            for stale in self.out.glob(".checkpoint*.pth.tmp*"):
-                stale.unlink(missing_ok=True)
-        path = Path(self.args.resume) if self.args.resume else self.out / "checkpoint.pth"
-        if not (self.args.resume or path.is_file()):
+        """Continue from output-dir/checkpoint.pth when there is one, else from --resume, which so only seeds a new run
+        (a requeued command naming another run's checkpoint continues its own): weights (teachers included), optimizer
+        state and position. Process 0 picks the file; every process loads it and must find the same position (else a
+        clear error: a process that sees another output folder); `check_resume` refuses other settings."""
+        path = self.all_processes(self.checkpoint_to_resume)[0]
+        if path is None:
             return
-        ckpt = load_training_checkpoint(path, self.method)
+        loaded = {}
+
+        def load():
+            if not self.dist.is_main and not Path(path).is_file():
+                raise UserError(f"cannot read {path}, from which process 0 resumes: every process must see process "
+                                f"0's output folder (a shared file system)")
+            loaded["ckpt"] = load_training_checkpoint(path, self.method)
+            return self.check_resume(loaded["ckpt"], path)
+        positions = self.all_processes(load)
+        for rank, position in enumerate(positions):
+            if position != positions[0]:
+                raise UserError(f"process {rank} reads {path} at (epoch, step) {position[:2]}, process 0 at "
+                                f"{positions[0][:2]}: every process must see process 0's output folder")
+        ckpt = loaded["ckpt"]
         load_state(model, ckpt["model"], "the model", path)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: the optimizer state does not match this model ({e})") from None
-        self.epoch, self.chunk, self.step = ckpt["epoch"], ckpt["chunk"], ckpt["step"]
+        self.epoch, self.step, self.epoch_step = positions[0]
         self.dist.print(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+
+    def checkpoint_to_resume(self):
+        """Process 0: output-dir/checkpoint.pth when there is one, else --resume, else None (a new run)."""
+        if not self.dist.is_main:
+            return None
+        own, seed = self.out / "checkpoint.pth", self.args.resume
+        if own.is_file():
+            if seed and Path(seed).resolve() != own.resolve():
+                print(f"{own} exists: continuing this run from it (--resume {seed} only seeds a new run)", flush=True)
+            return str(own)
+        return seed or None
+
+    def check_resume(self, ckpt, path):
+        """(epoch, step, optimizer steps of the epoch done) of a checkpoint, once it is clear that this run may go on
+        from it: the same flags where they change what is trained (training_changes), the same images, the same
+        effective batch. The layout (processes x batch x accum) may change: the position is stored in samples of the
+        epoch's order, which every layout of one effective batch reads alike (ResumableSampler, StepRandom).
+        Checkpoints that stored `chunk` instead (micro-batches of their own --accum) are converted."""
+        a, saved = self.args, ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        missing = [k for k in ("epoch", "step") if k not in ckpt]
+        if "samples" not in ckpt and "chunk" not in ckpt:
+            missing.append("samples")
+        if missing:
+            raise UserError(f"{path} has no {', '.join(missing)}: not a complete training checkpoint")
+        changes = training_changes(saved, vars(a))
+        batch = ckpt.get("effective_batch", self.effective_batch)
+        if batch != self.effective_batch:
+            changes.append(f"effective batch {batch} -> {self.effective_batch} (processes x --batch-size x --accum)")
+        images = ckpt.get("images", self.image_names())
+        if images != self.image_names():
+            changes.append(f"training images {images['count']} -> {self.images['count']}" +
+                           (" (other names)" if images["count"] == self.images["count"] else ""))
+        if changes:
+            raise UserError(f"{path} was trained with other settings: {', '.join(changes)}; continue it with its own "
+                            f"settings, or start a new run in another --output-dir")
+        if "samples" in ckpt:
+            return ckpt["epoch"], ckpt["step"], ckpt["samples"] // self.effective_batch
+        # older: `chunk` micro-batches of its own --accum done, and no record of its number of processes
+        epoch_step, rest = divmod(ckpt["chunk"], saved.get("accum", 1))
+        same = saved.get("batch_size", a.batch_size) == a.batch_size and saved.get("accum", a.accum) == a.accum
+        if rest or not same or ckpt["step"] != ckpt["epoch"] * self.steps_per_epoch + epoch_step:
+            raise UserError(f"{path} counts its position in micro-batches (an older version): resume it once with its "
+                            f"original --batch-size, --accum and number of processes")
+        return ckpt["epoch"], ckpt["step"], epoch_step
 
     def wrap(self, model):
         """The model to call in the loop: torch.compile'd (--compile), then DDP-wrapped on several processes."""
@@ -1055,12 +1450,12 @@ class TrainRun:
 
     def epoch_batches(self):
         """Iterator over this process's micro-batches of the current epoch, from the saved position on."""
-        self.sampler.epoch, self.sampler.start_chunk = self.epoch, self.chunk
+        self.sampler.epoch, self.sampler.start_chunk = self.epoch, self.epoch_step * self.args.accum
         return iter(self.loader)
 
     def steps(self):
         """The global numbers of the optimizer steps left in the current epoch, ending early at --max-steps."""
-        end = self.step + self.steps_per_epoch - self.chunk // self.args.accum
+        end = self.step + self.steps_per_epoch - self.epoch_step
         if self.args.max_steps:
             end = min(end, max(self.args.max_steps, self.step))
         return range(self.step, end)
@@ -1096,42 +1491,65 @@ class TrainRun:
         """After optimizer step `step`: the position advances, the loss is checked (one step late, so without a host
         sync; a non-finite loss stops the run) and the progress bar updated."""
         self.guard.check(loss, step)
-        self.step, self.chunk = step + 1, self.chunk + self.args.accum
+        self.step, self.epoch_step = step + 1, self.epoch_step + 1
         logged = {"loss": loss, "lr": self.current_lr, **(metrics or {})}
         self.logger.update(self.step, logged, self.args.batch_size * self.args.accum, self.data_time)
         self.data_time = 0.0
 
     def stopped_in_epoch(self):
         """True when --max-steps ended the epoch's steps before its end."""
-        return self.chunk < self.steps_per_epoch * self.args.accum
+        return self.epoch_step < self.steps_per_epoch
 
-    def end_epoch(self):
-        """The epoch is complete: the position moves to the next epoch's start; one summary line in log.jsonl."""
-        self.epoch, self.chunk = self.epoch + 1, 0
-        self.logger.epoch_summary(self.epoch - 1, lr=self.current_lr)
+    def end_epoch(self, **extra):
+        """The epoch is complete: the position moves to the next epoch's start; one summary line in log.jsonl (with
+        `extra`, e.g. an evaluation's numbers)."""
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+        self.logger.epoch_summary(self.epoch - 1, lr=self.current_lr, **extra)
+
+    def preempted(self):
+        """True once any process got SIGTERM or SIGUSR1 (noted by run_main), on every process after the same optimizer
+        step (NonFiniteGuard agrees on it one step late, without a host sync): the loop then saves this step and calls
+        `exit_for_requeue`."""
+        return self.guard.stop
+
+    def exit_for_requeue(self):
+        """After the checkpoint of a stop request: every process stops with exit code EXIT_REQUEUE (75, run_main)."""
+        self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
+        why = signal.Signals(stop_signal()).name if stop_signal() else "a stop signal to another process"
+        raise Requeue(f"{why} after step {self.step - 1}; {self.out / 'checkpoint.pth'} holds it: run the same command "
+                      f"to continue")
 
     def save(self, model, optimizer, encoder):
-        """Write output-dir/checkpoint.pth atomically (rank 0): model, optimizer, position, arguments and the exported
-        `encoder`; at an epoch's start also checkpoint-NNNN.pth every --keep-every epochs. Never after a non-finite
-        loss or with non-finite weights: that stops the run and keeps the last good checkpoint."""
+        """Write output-dir/checkpoint.pth atomically (rank 0): model, optimizer, position (epoch, step, samples of the
+        epoch's order done), effective batch, images, arguments and the exported `encoder`; at an epoch's start also
+        checkpoint-NNNN.pth every --keep-every epochs. Every process returns once it is written, or raises rank 0's
+        error (a full disk). Never after a non-finite loss or with non-finite weights: that stops the run and keeps the
+        last good checkpoint."""
         self.guard.flush()
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()  # one host read
         if not finite:
             raise FloatingPointError(f"non-finite parameters after step {self.step - 1}; training stopped, the "
                                      f"checkpoint on disk is the last good one")
-        if self.dist.is_main:
+
+        def write():
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": self.epoch,
-                     "chunk": self.chunk, "step": self.step, "args": vars(self.args),
+                     "samples": self.epoch_step * self.effective_batch, "step": self.step,
+                     "effective_batch": self.effective_batch, "images": self.image_names(), "args": vars(self.args),
                      **encoder_export(encoder, self.method)}
             save_checkpoint(self.out / "checkpoint.pth", state)
             keep = self.args.keep_every
-            if keep and self.chunk == 0 and self.epoch % keep == 0:
+            if keep and self.epoch_step == 0 and self.epoch % keep == 0:
                 save_checkpoint(self.out / f"checkpoint-{self.epoch:04d}.pth", state)
+        self.all_processes(lambda: write() if self.dist.is_main else None)
 
     def finish(self):
-        """After the loop: close the progress bar and wait for rank 0's last checkpoint."""
+        """After the loop: close the progress bar, wait for every process, unlock the output folder."""
         self.logger.close()
         self.dist.barrier()
+        if self.lock is not None:
+            self.lock.release()
 
     def measure_flops(self, model, *inputs):
         """Count the FLOPs of one forward + backward of model(inputs[0], rng, *inputs[1:]) per image (inputs: a small

@@ -446,6 +446,9 @@ def main(args):
                 extra["momentum"] = m = ema_momentum(step, run.total_steps, args.momentum)
                 model.update_teacher(m)
             run.step_done(step, step_loss, {**metrics, **extra})
+            if run.preempted():  # SIGTERM / SIGUSR1 to any process: keep this step, exit 75 for a requeue
+                run.save(model, optimizer, encoder)
+                run.exit_for_requeue()
             if args.save_every and run.step % args.save_every == 0:
                 run.save(model, optimizer, encoder)
         if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop

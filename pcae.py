@@ -219,10 +219,10 @@ def check_args(args):
     if visible < 1 or counts[-1] < 1:
         raise UserError(f"no tokens left: {visible} visible, teacher tokens {' -> '.join(map(str, counts))}; "
                         f"raise --input-size / --keep-ratio or use fewer --drop-after stages")
-    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
-        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
     if min(args.decoder_depth, args.decoder_heads, args.vis_images, args.bench_steps) < 1:
         raise UserError("--decoder-depth, --decoder-heads, --vis-images and --bench-steps must be at least 1")
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:  # after the check that heads >= 1
+        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
     if not 0.0 <= args.drop_path < 1.0 or not 0.0 <= args.momentum <= 1.0:
         raise UserError("--drop-path must be in [0, 1) and --momentum in [0, 1]")
 
@@ -268,6 +268,9 @@ def main(args):
             # EMA after the optimizer step only (the public code also ran it on accumulation micro-steps).
             model.update_teacher(ema_momentum(step, run.total_steps, args.momentum))
             run.step_done(step, step_loss, metrics)
+            if run.preempted():  # SIGTERM / SIGUSR1 to any process: keep this step, exit 75 for a requeue
+                run.save(model, optimizer, encoder)
+                run.exit_for_requeue()
             if args.save_every and run.step % args.save_every == 0:
                 run.save(model, optimizer, encoder)
         if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop

@@ -343,6 +343,9 @@ def train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=False)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.step_done(step, step_loss, {**metrics, **extra})
+            if run.preempted():  # SIGTERM / SIGUSR1 to any process: keep this step, exit 75 for a requeue
+                run.save(model, optimizer, encoder)
+                run.exit_for_requeue()
             if args.save_every and run.step % args.save_every == 0:
                 run.save(model, optimizer, encoder)
         if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop
@@ -405,6 +408,8 @@ def no_weight_decay(name, param):
 def main_parts(args):
     if not 2 <= args.num_parts <= 255:
         raise UserError("--num-parts must be between 2 and 255 (part ids are stored as uint8)")
+    if args.dec_channels < 1 or args.div_weight < 0:
+        raise UserError("--dec-channels must be at least 1 and --div-weight non-negative")
     if args.teacher == "random":
         print("warning: --teacher random: a randomly initialised teacher, for smoke runs only; its parts are "
               "meaningless", file=sys.stderr)
@@ -473,6 +478,10 @@ def main_pretrain(args):
         raise UserError("--mask-ratio must be in (0, 1)")
     if args.gamma <= 0:
         raise UserError("--gamma must be positive")
+    if min(args.decoder_depth, args.decoder_heads, args.bench_steps) < 1:
+        raise UserError("--decoder-depth, --decoder-heads and --bench-steps must be at least 1")
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
     semantic = args.masking == "semantic"
     if semantic and not args.parts and not args.bench:
         raise UserError("--masking semantic needs --parts FILE from `semmae.py parts` (or use --masking random)")

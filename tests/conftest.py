@@ -74,6 +74,18 @@ def run_inprocess(name, out, parts, *extra):
     return common.load_checkpoint(out / "checkpoint.pth")
 
 
+def assert_same_state(a, b, atol):
+    """Two training checkpoints at the same position with the same weights (teachers included) and optimizer state."""
+    assert (a["step"], a["epoch"], a["samples"]) == (b["step"], b["epoch"], b["samples"])  # samples of the epoch
+    for key, value in a["model"].items():
+        assert torch.allclose(b["model"][key], value, atol=atol, rtol=0), key
+    states_a, states_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert states_a.keys() == states_b.keys()
+    for pid in states_a:
+        for key, value in states_a[pid].items():
+            assert torch.allclose(states_b[pid][key].float(), value.float(), atol=atol, rtol=0), (pid, key)
+
+
 def script_cmd(name):
     return [str(ROOT / f"{SCRIPTS[name][0]}.py")]
 

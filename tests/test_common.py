@@ -481,11 +481,11 @@ def toy_train(out, *flags):
 
 def test_train_run_accumulation_and_resume_equal_one_big_batch(tmp_path):
     big = toy_train(tmp_path / "big", "--batch-size", "8", "--keep-every", "1")
-    assert big["epoch"] == 2 and big["step"] == 2 * (48 // 8) and big["chunk"] == 0
+    assert big["epoch"] == 2 and big["step"] == 2 * (48 // 8) and big["samples"] == 0
     kept = [common.load_checkpoint(tmp_path / "big" / f"checkpoint-{e:04d}.pth") for e in (1, 2)]
     assert [(k["epoch"], k["step"]) for k in kept] == [(1, 6), (2, 12)]  # a copy at the end of every epoch
     stopped = toy_train(tmp_path / "acc", "--batch-size", "4", "--accum", "2", "--max-steps", "5")
-    assert (stopped["epoch"], stopped["step"], stopped["chunk"]) == (0, 5, 10)  # saved mid-epoch at the stop
+    assert (stopped["epoch"], stopped["step"], stopped["samples"]) == (0, 5, 40)  # saved mid-epoch at the stop
     resumed = toy_train(tmp_path / "acc", "--batch-size", "4", "--accum", "2")
     assert resumed["step"] == big["step"]
     for k, v in big["model"].items():

@@ -1,0 +1,400 @@
+"""Week-long jobs: a resume in another layout of the same effective batch is exact, a changed training flag or dataset
+is refused, --resume only seeds a new run, SIGTERM / SIGUSR1 save the current step and exit 75 on every process, one
+run per output folder (a lock), a full disk gives one line and no partial file, every process agrees on the resume and
+on a non-finite loss under torchrun (no hang, no traceback)."""
+import errno
+import importlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+from common import UserError
+from conftest import ROOT, SCRIPTS, argv, assert_same_state, run_inprocess, script_cmd, subprocess_env
+
+MODELS = {"latent_mim": ("latent_mim", "LatentMIM"), "pcae": ("pcae", "PCAE"), "semmae": ("semmae", "SemMAE"),
+          "semmae-parts": ("semmae", "PartLearner")}
+
+
+def cli(monkeypatch, capsys, name, out, parts, *extra, data="synthetic"):
+    """The tiny run's command line, in-process through run_main -> (exit code, stderr lines, stdout)."""
+    module = importlib.import_module(SCRIPTS[name][0])
+    monkeypatch.setattr(sys, "argv", ["prog", *argv(name, out, parts, *extra, data=data)])
+    capsys.readouterr()
+    try:
+        common.run_main(module.main, module.build_parser())
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+def run_on(data, out, *extra):
+    """The tiny pcae run on an image folder; returns its checkpoint."""
+    import pcae
+    pcae.main(pcae.build_parser().parse_args(argv("pcae", out, "", *extra, data=str(data))))
+    return common.load_checkpoint(out / "checkpoint.pth")
+
+
+def image_folder(root, per_class=6):
+    from PIL import Image
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 40), (40 * i, 90 if c == "a" else 200, 30)).save(root / "train" / c / f"{i}.jpg")
+    return root
+
+
+# ------------------------------------------------------------------------------ position, layout, flags, dataset
+def test_resume_in_another_layout_of_the_same_effective_batch_is_exact(tmp_path, monkeypatch, capsys):
+    reference = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "8")
+    out = tmp_path / "run"
+    stopped = run_inprocess("pcae", out, "", "--batch-size", "8", "--max-steps", "8")  # 1 x 8 x accum 1
+    assert (stopped["epoch"], stopped["step"], stopped["samples"], stopped["effective_batch"]) == (1, 8, 16, 8)
+    code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--batch-size", "4")  # effective batch 4: refused
+    assert code == 2 and err == [f"error: {out / 'checkpoint.pth'} was trained with other settings: effective batch "
+                                 f"8 -> 4 (processes x --batch-size x --accum); continue it with its own settings, or "
+                                 f"start a new run in another --output-dir"]
+    resumed = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2")  # 1 x 4 x accum 2: the same 8
+    assert_same_state(reference, resumed, atol=1e-5)  # ends at step 12, not later, on the same data
+
+
+@pytest.mark.parametrize("name, change, named", [
+    ("pcae", ["--mask-ratio", "0.9", "--seed", "1"], ["--mask-ratio 0.75 -> 0.9", "--seed 0 -> 1"]),
+    ("latent_mim", ["--loss", "mse"], ["--loss patchdisc -> mse"])])
+def test_resume_refuses_flags_that_change_training_and_names_them(name, change, named, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    run_inprocess(name, out, "", "--max-steps", "2")
+    code, err, _ = cli(monkeypatch, capsys, name, out, "", *change)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {out / 'checkpoint.pth'} was trained with other "
+                                                             f"settings: ")
+    assert all(flag in err[0] for flag in named), err
+    assert common.load_checkpoint(out / "checkpoint.pth")["step"] == 2  # untouched
+    free = ["--max-steps", "4", "--save-every", "3", "--log-every", "5", "--keep-every", "1", "--device", "cpu",
+            "--num-workers", "0", "--resume", str(out / "checkpoint.pth")]
+    assert run_inprocess(name, out, "", *free)["step"] == 4  # flags that do not change what is trained may change
+
+
+def test_a_moved_dataset_resumes_and_another_one_is_refused(tmp_path, monkeypatch, capsys):
+    data = image_folder(tmp_path / "data")  # 12 images, batch 4: 3 steps per epoch
+    reference = run_on(data, tmp_path / "straight")
+    run_on(data, tmp_path / "run", "--max-steps", "2")
+    moved = shutil.move(data, tmp_path / "elsewhere")  # e.g. staged to another node's local disk
+    assert_same_state(reference, run_on(moved, tmp_path / "run"), atol=1e-6)
+
+    run_on(moved, tmp_path / "other", "--max-steps", "2")
+    os.rename(Path(moved) / "train" / "b" / "5.jpg", Path(moved) / "train" / "b" / "6.jpg")
+    code, err, _ = cli(monkeypatch, capsys, "pcae", tmp_path / "other", "", data=str(moved))
+    assert code == 2 and len(err) == 1 and "training images 12 -> 12 (other names)" in err[0]
+
+
+def test_a_requeued_resume_command_continues_its_own_checkpoint(tmp_path, monkeypatch, capsys):
+    reference = run_inprocess("pcae", tmp_path / "straight", "")
+    assert run_inprocess("pcae", tmp_path / "a", "", "--max-steps", "3")["step"] == 3
+    seed = ["--resume", str(tmp_path / "a" / "checkpoint.pth")]
+    out = tmp_path / "b"
+    assert run_inprocess("pcae", out, "", *seed, "--max-steps", "7")["step"] == 7  # seeded by a; stopped at step 7
+    code, _, printed = cli(monkeypatch, capsys, "pcae", out, "", *seed)  # the same command again (a requeue)
+    assert code == 0
+    assert (f"{out / 'checkpoint.pth'} exists: continuing this run from it (--resume {seed[1]} only seeds a new run)"
+            in printed)
+    assert f"resumed from {out / 'checkpoint.pth'}: epoch 0, step 7" in printed
+    assert_same_state(reference, common.load_checkpoint(out / "checkpoint.pth"), atol=1e-6)
+    assert common.load_checkpoint(tmp_path / "a" / "checkpoint.pth")["step"] == 3  # the seed is untouched
+
+
+def test_checkpoints_that_count_micro_batches_are_converted_or_refused(tmp_path, monkeypatch, capsys):
+    reference = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "8")
+    out = tmp_path / "old"
+    old = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2", "--max-steps", "3")
+    for key in ("samples", "effective_batch", "images"):
+        del old[key]
+    common.save_checkpoint(out / "checkpoint.pth", {**old, "chunk": 3 * 2})  # as written before: micro-batches
+    code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--batch-size", "8")
+    assert code == 2 and err == [f"error: {out / 'checkpoint.pth'} counts its position in micro-batches (an older "
+                                 f"version): resume it once with its original --batch-size, --accum and number of "
+                                 f"processes"]
+    resumed = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2")
+    assert_same_state(reference, resumed, atol=1e-5)
+
+    del old["epoch"]
+    common.save_checkpoint(out / "checkpoint.pth", {**old, "chunk": 6})
+    code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--batch-size", "4", "--accum", "2")
+    assert code == 2 and err == [f"error: {out / 'checkpoint.pth'} has no epoch: not a complete training checkpoint"]
+
+
+# ----------------------------------------------------------------------------------------------- SIGTERM / SIGUSR1
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_sigterm_finishes_the_step_saves_it_and_exits_75(name, tmp_path, parts_file, monkeypatch, capsys):
+    reference = run_inprocess(name, tmp_path / "straight", parts_file)
+    module, cls_name = MODELS[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    original, calls = cls.forward, []
+
+    def forward(self, *args, **kwargs):  # the cluster's notice arrives during step 4 (of 12 in epoch 0)
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    def not_caught(*_):
+        raise AssertionError("run_main did not catch SIGTERM")
+    monkeypatch.setattr(cls, "forward", forward)
+    previous = signal.signal(signal.SIGTERM, not_caught)  # the test's own: run_main replaces it, then restores it
+    try:
+        code, err, _ = cli(monkeypatch, capsys, name, tmp_path / "stopped", parts_file)
+    finally:
+        assert signal.signal(signal.SIGTERM, previous) is not_caught
+    ckpt_path = tmp_path / "stopped" / "checkpoint.pth"
+    assert code == common.EXIT_REQUEUE == 75
+    assert err[-1] == f"stopped: SIGTERM after step 4; {ckpt_path} holds it: run the same command to continue"
+    assert len(calls) == 5  # no step after the one that was running
+    stopped = common.load_checkpoint(ckpt_path)
+    assert (stopped["step"], stopped["samples"]) == (5, 20)  # step 4 finished and saved: no step lost
+    assert not (tmp_path / "stopped" / ".lock").exists()
+    monkeypatch.setattr(cls, "forward", original)
+    resumed = run_inprocess(name, tmp_path / "stopped", parts_file)  # the requeue
+    assert_same_state(reference, resumed, atol=1e-6)
+
+
+def test_sigusr1_is_a_stop_request_too(tmp_path, monkeypatch, capsys):
+    import pcae
+    original = pcae.PCAE.forward
+
+    def forward(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(pcae.PCAE, "forward", forward)
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # if run_main did not catch it: ignored, test fails
+    try:
+        code, err, _ = cli(monkeypatch, capsys, "pcae", tmp_path, "")
+    finally:
+        assert signal.signal(signal.SIGUSR1, previous) == signal.SIG_IGN
+    assert code == 75 and err[-1].startswith("stopped: SIGUSR1 after step 0; ")
+    assert common.load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
+    assert common.stop_signal() is None  # reset for the next run of this process
+
+
+# ------------------------------------------------------------------------------------------------- the folder lock
+def write_lock(folder, age=0.0, **owner):
+    path = folder / common.LOCK_FILE
+    path.write_text(json.dumps(owner))
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_the_output_lock_takes_over_only_the_locks_of_ended_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "LOCK_HEARTBEAT_S", 0.05)
+    lock = common.OutputLock(tmp_path)
+    lock.start()
+    me = json.loads((tmp_path / ".lock").read_text())
+    assert (me["host"], me["pid"]) == (socket.gethostname(), os.getpid())
+    os.utime(tmp_path / ".lock", (0, 0))
+    time.sleep(0.3)
+    assert time.time() - (tmp_path / ".lock").stat().st_mtime < 5  # the heartbeat
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+    parent = os.getppid()  # alive, and not us
+    live = {**me, "pid": parent, "start": common.process_start(parent)[1]}
+    write_lock(tmp_path, **live)
+    with pytest.raises(UserError, match=f"is in use by another run: host {me['host']}, pid {parent}, started "):
+        common.OutputLock(tmp_path)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    for owner in ({**live, "pid": ended.pid}, {**live, "start": "0"}, {**live, "boot": "another boot"},
+                  {**me, "host": "other-node"}):  # pid gone, pid reused, host rebooted, another host's stale lock
+        write_lock(tmp_path, age=common.LOCK_STALE_S + 1, **owner)
+        common.OutputLock(tmp_path).release()
+        assert "warning: taking over the lock of host " in capsys.readouterr().err
+
+    monkeypatch.setattr(common, "LOCK_STALE_S", 0.5)
+    path = write_lock(tmp_path, **{**me, "host": "other-node"})  # fresh: its owner may be alive on the other node
+    t0 = time.time()
+    common.OutputLock(tmp_path).release()  # waited for the heartbeat to stop, then took it over
+    assert 0.4 < time.time() - t0 < 5 and "waiting up to 0.5 s for its heartbeat to stop" in capsys.readouterr().out
+    write_lock(tmp_path, **{**me, "host": "other-node"})
+    stop = threading.Event()
+    threading.Thread(target=common.lock_heartbeat, args=(path, stop), daemon=True).start()  # alive over there
+    try:
+        with pytest.raises(UserError, match="is in use by another run: host other-node"):
+            common.OutputLock(tmp_path)
+    finally:
+        stop.set()
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_goes_on(tmp_path, monkeypatch, capsys):
+    out, log = tmp_path / "run", tmp_path / "first.err"
+    flags = ["--epochs", "1000", "--save-every", "5"]
+    with open(log, "w") as stderr:
+        first = subprocess.Popen([sys.executable, *script_cmd("pcae"), *argv("pcae", out, "", *flags)],
+                                 env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pth").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        leftover = out / ".checkpoint.pth.tmp-being-written"
+        leftover.write_bytes(b"half a checkpoint")
+        code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", *flags)
+        assert code == 2 and len(err) == 1
+        assert err[0].startswith(f"error: {out} is in use by another run: host {socket.gethostname()}, pid "
+                                 f"{first.pid}, started ")
+        assert leftover.exists()  # the refused run removed nothing
+        assert first.poll() is None  # and the first one goes on
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    last = log.read_text().strip().splitlines()[-1]
+    assert first.returncode == 75 and last.startswith("stopped: SIGTERM after step "), last
+    assert common.load_checkpoint(out / "checkpoint.pth")["step"] == int(last.split()[4].rstrip(";")) + 1
+    assert not (out / ".lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ full disk
+def test_a_full_disk_gives_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    common.save_checkpoint(path, {"step": 1})
+    real_save = torch.save
+
+    def disk_full(state, f, *args, **kwargs):
+        f.write(b"x" * 2 ** 20)
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError) as error:
+        common.save_checkpoint(path, {"step": 2, "w": torch.zeros(2 ** 20)})
+    assert re.fullmatch(rf"no space left to write {re.escape(str(path))}: it needs about 4\.0 MiB, [\d.]+ [MG]iB are "
+                        r"free \(the write failed after 1\.0 MiB\); free some space or use another --output-dir",
+                        str(error.value))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"] and torch.load(path)["step"] == 1
+
+    def unexpected_pos(state, f, *args, **kwargs):  # what torch.save raises on a really full disk
+        f.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", unexpected_pos)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=2 ** 30, used=2 ** 30 - 500, free=500))
+    with pytest.raises(UserError, match=r"needs about 4\.0 MiB, 0\.0 MiB are free"):
+        common.save_checkpoint(path, {"w": torch.zeros(2 ** 20)})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    monkeypatch.setattr(torch, "save", real_save)
+
+
+def test_a_full_disk_stops_training_with_one_line_and_the_restart_cleans_up_first(tmp_path, monkeypatch, capsys):
+    out, real_save, saves = tmp_path / "run", torch.save, []
+
+    def third_save_fills_the_disk(state, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 3:
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", third_save_fills_the_disk)
+    code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--save-every", "1")
+    assert code == 2 and err[-1].startswith(f"error: no space left to write {out / 'checkpoint.pth'}: it needs about ")
+    assert not list(out.glob(".checkpoint*.tmp*")) and common.load_checkpoint(out / "checkpoint.pth")["step"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+
+    leftover = out / ".checkpoint.pth.tmp4242"  # a save killed half-way filled the disk
+    leftover.write_bytes(b"x" * 1000)
+    write_text = Path.write_text
+
+    def no_space_while_the_leftover_is_there(self, *args, **kwargs):
+        if list(self.parent.glob(".checkpoint*.tmp*")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", no_space_while_the_leftover_is_there)
+    assert run_inprocess("pcae", out, "", "--save-every", "1")["step"] == 24  # the restart: clean-up, then checks
+    assert not leftover.exists()
+
+
+# ------------------------------------------------------------------------------------------ several processes
+WORKER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import common, pcae
+rank, inject, at = int(os.environ["RANK"]), os.environ.get("INJECT", ""), int(os.environ.get("INJECT_AT", 0))
+os.chdir(os.environ.get("RANK_CWD", ".").format(rank=rank))  # per-node output folders
+forward, calls = pcae.PCAE.forward, []
+
+def injected(self, *args, **kwargs):  # process 1 only: a SIGTERM, or a NaN loss, at its forward number `at`
+    loss, metrics = forward(self, *args, **kwargs)
+    calls.append(1)
+    if rank == 1 and len(calls) == at and inject == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    if rank == 1 and len(calls) == at and inject == "nan":
+        loss = loss * float("nan")
+    return loss, metrics
+
+pcae.PCAE.forward = injected
+common.run_main(pcae.main, pcae.build_parser())
+"""
+
+
+def torchrun(tmp_path, flags, **env):
+    """pcae.py on 2 processes (batch 4 each) through the worker above -> (torchrun's exit code, the workers' exit
+    codes from its summary, {rank: that worker's stderr})."""
+    worker, logs = tmp_path / "worker.py", tmp_path / "logs"
+    worker.write_text(WORKER.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log-dir",
+           str(logs), "--redirects", "3", str(worker), *flags, "--batch-size", "4"]
+    done = subprocess.run(cmd, env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=180)
+    codes = {int(r): int(c) for r, c in re.findall(r"rank\s*: (\d+) .*\n\s*exitcode\s*: (-?\d+)", done.stderr)}
+    return done.returncode, codes, {int(p.parent.name): p.read_text() for p in logs.glob("**/stderr.log")}
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_after_the_same_step_and_resumes_in_another_layout(tmp_path):
+    reference = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "8")
+    out = tmp_path / "ddp"
+    code, codes, workers = torchrun(tmp_path, argv("pcae", out, ""), INJECT="sigterm", INJECT_AT="4")
+    assert code == 1 and codes == {0: 75, 1: 75}  # torchrun's own code is 1 for any failed worker; each worker's is 75
+    ckpt_path = out / "checkpoint.pth"
+    assert workers[1].strip().splitlines()[-1] == (f"stopped: SIGTERM after step 4; {ckpt_path} holds it: run the same "
+                                                   f"command to continue")
+    assert workers[0].strip().splitlines()[-1] == (f"stopped: a stop signal to another process after step 4; "
+                                                   f"{ckpt_path} holds it: run the same command to continue")
+    assert not any("Traceback" in err for err in workers.values())
+    stopped = common.load_checkpoint(ckpt_path)
+    assert (stopped["step"], stopped["samples"]) == (5, 40)  # 2 x 4 x accum 1
+    resumed = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2")  # 1 process x 4 x accum 2
+    assert_same_state(reference, resumed, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_stops_every_process_with_exit_3(tmp_path):
+    code, codes, workers = torchrun(tmp_path, argv("pcae", tmp_path / "nan", ""), INJECT="nan", INJECT_AT="3")
+    assert code == 1 and codes == {0: 3, 1: 3}
+    for err in workers.values():
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == ("error: non-finite loss at step 2; training stopped, the checkpoint on "
+                                                "disk is the last good one")
+
+
+@pytest.mark.slow
+def test_per_node_output_folders_are_refused_on_every_process_instead_of_hanging(tmp_path):
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    run_inprocess("pcae", tmp_path / "node0" / "out", "", "--batch-size", "8", "--max-steps", "3")  # node 0's only
+    code, codes, workers = torchrun(tmp_path, argv("pcae", Path("out"), ""), RANK_CWD=str(tmp_path / "node{rank}"))
+    assert code == 1 and codes == {0: 2, 1: 2}
+    for err in workers.values():
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] == ("error: process 1: cannot read out/checkpoint.pth, from which process "
+                                                "0 resumes: every process must see process 0's output folder (a "
+                                                "shared file system)")
