@@ -7,13 +7,16 @@ Part 1, what a reader of the papers needs:
    4. the MAE-style decoder         mask tokens at the ids to predict (SemMAE, PCAE, Latent MIM's 'self' decoder)
    5. schedules and the EMA update  warmup + half-cosine, momentum schedule, teacher <- EMA of the student
 Part 2, plumbing:
-   6. data                          ImageFolder, synthetic shapes, transforms, seeded samples, resumable order
+   6. data                          ImageFolder, synthetic shapes, transforms, seeded samples, resumable order,
+                                    figures (images across the classes, enlarged to a readable width)
    7. processes and precision       torchrun layout, bf16 autocast, gathering rows of all processes
    8. checkpoints                   atomic save (one-line disk-full error), weights-only load, public ViT
                                     checkpoints, the output folder's lock
    9. optimizer                     AdamW with a weight-decay rule per method
-  10. logging and MFU               non-finite guard (and agreed stop requests), progress and log.jsonl, FLOP counting
-  11. arguments and errors          the flags every script shares, one-line errors, exit codes, SIGTERM / SIGUSR1
+  10. logging and MFU               non-finite guard (and agreed stop requests), progress (a bar on a terminal, else
+                                    lines) and log.jsonl, FLOP counting
+  11. arguments and errors          the flags every script shares, --recipe, --help with defaults, the resolved
+                                    command line, one-line errors, exit codes, SIGTERM / SIGUSR1
   12. the training run              the small state object and helpers that each method file's loop calls
   13. benchmark                     --bench / --profile and the data-loader benchmark
 
@@ -26,7 +29,7 @@ Reproducibility (what makes kill/resume and DDP == one process exact):
 - model-side randomness (masks, jitter, drop path) comes from `StepRandom`: drawn for the whole optimizer-step batch
   from a generator seeded by (seed, step), of which each process and micro-step keeps its own rows.
 """
-import argparse, atexit, contextlib, errno, hashlib, json, math, os, shutil, signal, socket, sys, threading, time
+import argparse, atexit, contextlib, errno, hashlib, json, math, os, shlex, shutil, signal, socket, sys, threading, time
 import weakref
 from pathlib import Path
 
@@ -400,6 +403,42 @@ def denormalize(imgs):
     """ImageNet-normalised images [..., 3, H, W] -> pixel values in [0, 1], on the CPU, for figures."""
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (imgs.detach().float().cpu() * std + mean).clamp(0, 1)
+
+
+FIGURE_MIN_WIDTH = 512  # the --vis figures are enlarged until a row of panels is at least this many pixels wide
+
+
+def sample_across_classes(dataset, n, seed):
+    """Indices of n images of `dataset` for a figure, spread over its classes (a class-sorted folder's first images
+    are all of one class): all images in an order shuffled by a generator seeded by `seed`, taken round-robin over
+    the classes (the first image of each class in that order, then the second of each, ...), so n different classes
+    when there are n. Labels come from `samples` (ImageFolder: no image is read), else from `load` (SyntheticShapes),
+    read in that order only until the choice is settled."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    samples, classes = getattr(dataset, "samples", None), len(getattr(dataset, "classes", ())) or 1
+    n, seen, ranked = min(n, len(dataset)), {}, []  # seen: images of each label so far; ranked: (round, place, index)
+    for place, i in enumerate(order):
+        label = samples[i][1] if samples is not None else dataset.load(i)[1]
+        ranked.append((seen.get(label, 0), place, i))
+        seen[label] = seen.get(label, 0) + 1
+        fewest = min(seen.values()) if len(seen) == classes else 0  # every later image is in this round or a later one
+        if sum(min(count, fewest + 1) for count in seen.values()) >= n:  # n chosen in rounds <= fewest: settled
+            break
+    return [i for _, _, i in sorted(ranked)[:n]]
+
+
+def save_figure(tiles, path, columns, padding, pad_value=1.0):
+    """Save images [N, 3, h, w] (or a list of [3, h, w]) in [0, 1] as a PNG grid of `columns` per row, each enlarged
+    by the smallest integer factor that makes a row at least FIGURE_MIN_WIDTH px wide, by repeating pixels (nearest
+    neighbour: patches stay crisp squares). Returns the PNG's (width, height)."""
+    from torchvision.utils import make_grid, save_image
+    tiles = torch.stack(list(tiles)) if isinstance(tiles, (list, tuple)) else tiles
+    k = max(1, math.ceil((FIGURE_MIN_WIDTH - (columns + 1) * padding) / (columns * tiles.shape[-1])))
+    grid = make_grid(tiles.repeat_interleave(k, -2).repeat_interleave(k, -1), nrow=columns, padding=padding,
+                     pad_value=pad_value)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return grid.shape[2], grid.shape[1]
 
 
 def read_image(path):
@@ -1033,14 +1072,15 @@ class NonFiniteGuard:
 
 class StepLogger:
     """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps,
-    when the progress bar shows their means with images/s, the data-loading share of the time and MFU (when
-    `flops_per_image` is set and the device's peak is known). `epoch_summary` appends a JSON line per epoch."""
+    when the progress bar (on a terminal; else a plain line: `start_progress`) shows their means with images/s, the
+    data-loading share of the time and MFU (when `flops_per_image` is set and the device's peak is known).
+    `epoch_summary` appends a JSON line per epoch to log.jsonl and prints it as a line of its own."""
     def __init__(self, dist, output_dir, every=20, total_steps=None):
         self.dist, self.every, self.total_steps = dist, every, total_steps
         self.log_path = Path(output_dir) / "log.jsonl"
         self.bad_seen, self.bad_in_epoch, self.bad_read, self.samples_read = set(), 0, 0, 0
         self.flops_per_image, self.peak = None, device_peak_flops(dist.device)
-        self.bar = None  # made at the first step, which may follow a resume
+        self.progress = self.bar = None  # made at the first step, which may follow a resume
         self.start_epoch()
 
     def start_epoch(self):
@@ -1065,7 +1105,7 @@ class StepLogger:
             self.bad_in_epoch, self.bad_read = self.bad_in_epoch + 1, self.bad_read + 1
             if i not in self.bad_seen:
                 self.bad_seen.add(i)
-                print(f"warning: skipped unreadable image {dataset.path(i)}", file=sys.stderr, flush=True)
+                self.write(f"warning: skipped unreadable image {dataset.path(i)}", file=sys.stderr)
         if self.samples_read >= BAD_MIN_SAMPLES and self.bad_read > BAD_SHARE * self.samples_read:
             raise DataError(f"{self.bad_read} of the {self.samples_read} images read so far were unreadable (more "
                             f"than {BAD_SHARE:.0%}); fix or remove the files reported above")
@@ -1077,17 +1117,44 @@ class StepLogger:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count, self.images, self.data_time = self.count + 1, self.images + images, self.data_time + data_time
         self.interval_images, self.interval_data = self.interval_images + images, self.interval_data + data_time
-        if self.bar is None and self.dist.is_main and self.total_steps:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total_steps, initial=step - 1, dynamic_ncols=True, mininterval=1.0)
-        if self.bar is not None:
-            self.bar.update(1)
+        if self.progress is None and self.dist.is_main and self.total_steps:
+            self.start_progress(step)
+        if self.progress is not None:
+            if self.bar is not None:
+                self.bar.update(1)
             if step % self.every == 0:  # the only host sync of the loop: once per log interval
-                shown = self.means()
+                shown = self.means()  # and schedule values (floats: lr, momentum) as they are now, not their means
+                shown.update({k: float(v) for k, v in metrics.items() if not torch.is_tensor(v)})
                 now = time.perf_counter()
                 shown.update(self.rates(self.interval_images, self.interval_data, now - self.t_interval))
                 self.interval_images, self.interval_data, self.t_interval = 0, 0.0, now
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+                self.show(step, {"loss": shown.pop("loss"), **shown} if "loss" in shown else shown, now)
+
+    def start_progress(self, step):
+        """A tqdm bar (on stderr) when stdout and stderr are both a terminal; else, as in a file or under a job
+        scheduler, a plain line on stdout every `every` steps (a bar there is a stream of carriage returns)."""
+        self.progress = (time.perf_counter(), step - 1)  # (when, steps done) at the first step of this process
+        if all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr)):
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total_steps, initial=step - 1, dynamic_ncols=True, mininterval=1.0)
+
+    def show(self, step, shown, now):
+        """The running means in the bar, or a line `step 120/1920 loss=... lr=... images_per_s=... eta=0:05:12`."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            return
+        t0, first = self.progress
+        eta = int((now - t0) / max(step - first, 1) * (self.total_steps - step))
+        print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()) +
+              f" eta={eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
+
+    def write(self, line, file=None):
+        """Print a whole line, on a line of its own also while the progress bar is shown."""
+        if self.bar is not None:
+            self.bar.write(line, file=file or sys.stdout)
+            (file or sys.stdout).flush()
+        else:
+            print(line, file=file or sys.stdout, flush=True)
 
     def means(self, all_ranks=False):
         """Means since the epoch started (over all processes with all_ranks: a collective, every rank must call)."""
@@ -1107,7 +1174,7 @@ class StepLogger:
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            self.dist.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            self.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         self.start_epoch()
         return row
 
@@ -1201,6 +1268,8 @@ def run_main(main, parser):
     traceback: 2 for a user error, 3 for a non-finite loss, 75 (EXIT_REQUEUE) for a stop request after its checkpoint;
     under torchrun every process exits so (torchrun's own exit code is 1 then: see the README, Long runs)."""
     args = parser.parse_args()
+    if int(os.environ.get("RANK", 0)) == 0:  # the log's first line: the whole configuration of the run
+        print(resolved_command(parser, args), flush=True)
     set_precision_flags()
     _stop_signal[0] = None
     previous = {s: signal.signal(s, _note_stop_signal) for s in STOP_SIGNALS}
@@ -1222,28 +1291,93 @@ def run_main(main, parser):
             signal.signal(s, signal.SIG_IGN if several else handler)
 
 
-def add_common_args(parser):
-    """Flags shared by the three pretraining scripts; each script sets its paper's defaults with set_defaults."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default after its help text: '(default: off)' for a switch, nothing for a required
+    flag, and for an unset default (None or '') the help text's own words where it says 'default', else 'none'."""
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None or action.default == "":
+            return text if "default" in text else text + " (default: none)"
+        if action.nargs == 0:  # a switch
+            return text + (" (default: on)" if action.default == action.const else " (default: off)")
+        if isinstance(action.default, (list, tuple)):  # as on the command line: --nb-knn 10 20
+            return f"{text} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):  # as argparse, but a flag such as --warmup-epochs stays on one line
+        import textwrap
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every default in --help (HelpFormatter, also for sub-commands: add_parser makes this class) and
+    named recipes: `--recipe NAME` reads the flags recipes[NAME] before the command line's, so that a flag given on
+    the command line wins over the recipe, also where it repeats the parser's default. The first recipe is the
+    default and should be the parser's own defaults (the papers' recipe, no flags)."""
+    def __init__(self, *args, recipes=None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.recipes = dict(recipes or {})
+        if self.recipes:
+            shown = "; ".join(f"{name}: {flags or 'the defaults below'}" for name, flags in self.recipes.items())
+            self.add_argument("--recipe", choices=list(self.recipes), default=next(iter(self.recipes)),
+                              help=f"a named set of flags, read before the command line's (which win): {shown}")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.recipes:  # (a sub-command's parser is called here with its own part of the command line)
+            args = sys.argv[1:] if args is None else list(args)
+            find = argparse.ArgumentParser(prog=self.prog, add_help=False)  # --recipe only: no error for the others
+            find.add_argument("--recipe", choices=list(self.recipes), default=next(iter(self.recipes)))
+            args = self.recipes[find.parse_known_args(args)[0].recipe].split() + args
+        return super().parse_known_args(args, namespace)
+
+
+def resolved_command(parser, args):
+    """The run's whole configuration as one command line, `prog (recipe NAME): --flag value ...`: every flag with its
+    value after the recipe and the defaults (switches only when on; flags that are unset or empty left out)."""
+    words = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(action, argparse._SubParsersAction):  # e.g. `semmae.py parts`: that sub-command's flags
+            return resolved_command(action.choices[value], args)
+        if not action.option_strings or action.dest == "recipe" or value is None or value == "":
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:
+            words += [flag] if value == action.const else []
+        else:
+            words += [flag, *(shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value]))]
+    recipe = f" (recipe {args.recipe})" if getattr(args, "recipe", None) else ""
+    return f"{parser.prog}{recipe}: {' '.join(words)}"
+
+
+def add_common_args(parser, method="run"):
+    """Flags shared by the three pretraining scripts (output in runs/<method>); each script sets its paper's defaults
+    with set_defaults."""
     a = parser.add_argument
     a("--data", required=True, help="ImageNet-style folder with train/<class>/*.jpg, or 'synthetic' (no download)")
-    a("--output-dir", default="output", help="checkpoints, log.jsonl; a run resumes from its checkpoint here")
+    a("--output-dir", default=f"runs/{method}", help="checkpoints, log.jsonl; a run resumes from its checkpoint here")
     a("--model", default="base", help=f"ViT preset: {', '.join(VIT_PRESETS)}")
-    a("--patch-size", type=int, default=None, help="override the preset's patch size")
+    a("--patch-size", type=int, default=None, help="override the preset's patch size (default: the preset's)")
     a("--input-size", type=int, default=224, help="encoder image size")
-    a("--epochs", type=int, default=800)
-    a("--warmup-epochs", type=float, default=40)
+    a("--epochs", type=int, default=800, help="training epochs")
+    a("--warmup-epochs", type=float, default=40, help="linear lr warmup, in (fractional) epochs")
     a("--batch-size", type=int, default=64, help="per process and micro-step")
     a("--accum", type=int, default=1, help="gradient accumulation steps; effective batch = batch x procs x accum")
     a("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
-    a("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    a("--weight-decay", type=float, default=0.05)
+    a("--lr", type=float, default=None, help="absolute lr (overrides --blr; default: from --blr)")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on the parameters each script "
+                                                       "exempts)")
     a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    a("--seed", type=int, default=0)
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int, default=0, help="seed of the initial weights, data order, augmentation and masks")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is a GPU")
     a("--compile", action="store_true", help="torch.compile the model (checkpoint keys stay clean)")
     a("--save-every", type=int, default=0, help="also checkpoint every N optimizer steps (0: at epoch ends only)")
     a("--keep-every", type=int, default=0, help="keep a copy of the checkpoint every N epochs (0: only the latest)")
-    a("--log-every", type=int, default=20, help="progress bar refresh interval in steps")
+    a("--log-every", type=int, default=20, help="running means every N optimizer steps: in the progress bar on a "
+                                                "terminal, else one line each")
     a("--resume", default="", help="checkpoint that seeds a new run; once output-dir has its own checkpoint.pth, "
                                    "the run continues from that one")
     a("--max-steps", type=int, default=0, help="stop after this many optimizer steps in total (0: no limit)")
@@ -1287,6 +1421,7 @@ def check_lr_and_device(args):
 
 # -------------------------------------------------------------------------------------------- 12. the training run
 FREE_FLAGS = {  # flags that a resume may change: they do not change what is trained (see TrainRun.check_resume)
+    "recipe",  # its flags are compared one by one
     "output_dir", "resume", "num_workers", "log_every", "save_every", "keep_every", "device", "compile", "max_steps",
     "bench", "bench_steps", "profile", "bench_baseline", "vis", "vis_images", "preview", "out",
     "batch_size", "accum",  # the effective batch (processes x batch x accum) is compared instead

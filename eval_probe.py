@@ -27,7 +27,7 @@ scale g != 0 and shift (up to a sign the linear layer absorbs, and up to its eps
 LN_1,0-normed tokens. It does matter for k-NN (cosine similarity), where `mean` keeps the trained g, b.
 Results: top-1 / top-5 printed and appended as one JSON line to probe.jsonl next to the checkpoint (or --output).
 """
-import argparse, contextlib, json, math, sys, time
+import contextlib, json, math, sys, time
 from pathlib import Path
 
 import torch
@@ -38,9 +38,9 @@ from tqdm import tqdm
 
 from torchvision.transforms import v2
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Dist, SeededDataset, TrainRun, UserError, autocast, build_dataset,
-                    check_lr_and_device, encoder_export, eval_transform, gather_rows, image_transform, load_checkpoint,
-                    load_vit, make_loader, mix_seed, run_main, save_checkpoint, set_lr, warmup_cosine)
+from common import (IMAGENET_MEAN, IMAGENET_STD, ArgumentParser, Dist, SeededDataset, TrainRun, UserError, autocast,
+                    build_dataset, check_lr_and_device, encoder_export, eval_transform, gather_rows, image_transform,
+                    load_checkpoint, load_vit, make_loader, mix_seed, run_main, save_checkpoint, set_lr, warmup_cosine)
 
 
 # ------------------------------------------------------------------------------------------------------------ LARS
@@ -185,7 +185,8 @@ def extract_dataset(vit, dataset, args, dist, desc):
     loader = make_loader(Subset(data, range(dist.rank, len(data), dist.world)), args.batch_size, args.num_workers)
     feats, labels = [torch.zeros(0, vit.embed_dim, device=dist.device)], [torch.zeros(0, dtype=torch.long,
                                                                                       device=dist.device)]
-    for imgs, y, bad in tqdm(loader, desc=desc, disable=not dist.is_main, dynamic_ncols=True, mininterval=1.0):
+    for imgs, y, bad in tqdm(loader, desc=desc, disable=None if dist.is_main else True, dynamic_ncols=True,
+                             mininterval=1.0):  # a bar only on a terminal
         report_bad(bad, dataset)
         feats.append(extract(vit, imgs.to(dist.device, non_blocking=True), args.pool))
         labels.append(y.to(dist.device, non_blocking=True))
@@ -302,7 +303,8 @@ def fit_linear_head(head, batches, batches_per_epoch, val, dist, epochs=90, warm
     steps = batches_per_epoch // accum
     if steps == 0:
         raise UserError(f"{batches_per_epoch} batch(es) per epoch is fewer than --accum {accum}")
-    bar = tqdm(total=epochs * steps, desc="linear probe", disable=not dist.is_main, dynamic_ncols=True,
+    # a bar on rank 0 when the output is a terminal (disable=None); epoch lines are printed either way
+    bar = tqdm(total=epochs * steps, desc="linear probe", disable=None if dist.is_main else True, dynamic_ncols=True,
                mininterval=1.0)
     history, head_device = [], next(head.parameters()).device
     for epoch in range(epochs):
@@ -321,7 +323,8 @@ def fit_linear_head(head, batches, batches_per_epoch, val, dist, epochs=90, warm
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
-                if bar.n % log_every == 0 and dist.is_main:
+                done = epoch * steps + i // accum + 1  # optimizer steps so far (bar.n stays 0 when it is off)
+                if done % log_every == 0 and not bar.disable:
                     lr_now = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4g}", lr=f"{lr_now:.3g}")  # a sync per N steps
         if (eval_every and (epoch + 1) % eval_every == 0) or epoch == epochs - 1:
@@ -751,13 +754,15 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Linear probe (MAE protocol) or k-NN (DINO) of a frozen ViT encoder, or "
-                                            "MAE's end-to-end fine-tuning of it (--mode finetune)")
+    p = ArgumentParser(prog="eval_probe.py", description="Linear probe (MAE protocol) or k-NN (DINO) of a frozen ViT "
+                                                         "encoder, or MAE's end-to-end fine-tuning of it (--mode "
+                                                         "finetune)")
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint of semmae.py / latent_mim.py / pcae.py, or a public MAE/DINO/iBOT/"
                                     "timm ViT checkpoint")
     a("--data", required=True, help="folder with train/<class>/* and val/<class>/*, or 'synthetic'")
-    a("--mode", default="linear", choices=["linear", "knn", "finetune"])
+    a("--mode", default="linear", choices=["linear", "knn", "finetune"],
+      help="linear probe of the frozen encoder, k-NN on its features, or end-to-end fine-tuning")
     a("--cached", action="store_true", help="linear: train on features extracted once without augmentation")
     a("--pool", default=None, choices=POOLS,
       help="default cls; finetune: mae-mean (a trained fc_norm of the pre-norm patch mean) or cls. cls: cls token "
@@ -781,12 +786,13 @@ def build_parser():
            "and recorded as the k used)")
     a("--temperature", type=float, default=0.07, help="k-NN vote temperature T: weights exp(cos / T)")
     a("--loo", action="store_true", help="k-NN leave-one-out within the val set (Latent MIM's NN metric)")
-    a("--num-workers", type=int, default=8)
-    a("--seed", type=int, default=0)
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--num-workers", type=int, default=8, help="data loading processes per process")
+    a("--seed", type=int, default=0, help="seed of the head's initial weights, data order and augmentation")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is a GPU")
     a("--synthetic-size", type=int, default=2048, help="train images of --data synthetic (val: a quarter)")
     a("--output", default=None, help="JSON-lines results file (default: probe.jsonl next to the checkpoint)")
-    a("--log-every", type=int, default=20, help="progress bar refresh interval in steps")
+    a("--log-every", type=int, default=20, help="running loss every N optimizer steps: in the progress bar, or "
+                                                "(--mode finetune off a terminal) one line each")
     f = p.add_argument_group("--mode finetune (MAE FINETUNE.md; defaults by width: ViT-B / ViT-L, ViT-H)").add_argument
     f("--layer-decay", type=float, default=None, help="layer-wise lr decay; default 0.65 / 0.75")
     f("--drop-path", type=float, default=None, help="stochastic depth of the last block; default 0.1 / 0.2, 0.3")

@@ -9,20 +9,21 @@ solutions" (--loss), "effective learning requires low correlation between visibl
 Official code: github.com/yibingwei-1/LatentMIM (models_lmim.py, vits.py, xvits.py, main_lmim.py).
 
     torchrun --nproc_per_node=8 latent_mim.py --data /imagenet          # the paper's ImageNet recipe (defaults)
-    python latent_mim.py --data synthetic --model micro --input-size 64 --gap 2 --epochs 5   # CPU demo
+    python latent_mim.py --recipe demo --data synthetic                 # CPU demo (--help lists the recipes)
 """
-import argparse, copy, math
+import copy, math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common import (Attention, MAEDecoder, Mlp, SeededDataset, StepRandom, TrainRun, UserError, add_bench_args,
-                    add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
-                    cosine_schedule, denormalize, ema_momentum, ema_update, gather_tokens, image_transform,
-                    init_weights_mae, mix_seed, patchify, pick_device, preset_patch_size, pretrain_transform,
-                    random_masking, run_main, set_lr, standardize_tokens)
+from common import (ArgumentParser, Attention, MAEDecoder, Mlp, SeededDataset, StepRandom, TrainRun, UserError,
+                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
+                    check_common_args, cosine_schedule, denormalize, ema_momentum, ema_update, gather_tokens,
+                    image_transform, init_weights_mae, mix_seed, patchify, pick_device, preset_patch_size,
+                    pretrain_transform, random_masking, run_main, sample_across_classes, save_figure, set_lr,
+                    standardize_tokens)
 
 METHOD = "latent_mim"
 TARGETS = ("momentum", "shared-stopgrad", "independent", "joint")
@@ -293,14 +294,36 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
+IN100 = "--epochs 300 --warmup-epochs 30 --batch-size 128 --accum 4"  # the ablation setting: ImageNet-100 x 8 GPUs
+RECIPES = {  # --recipe NAME: these flags, then the command line's (which win)
+    "imagenet": "",  # the paper's ImageNet-1k recipe: the defaults below
+    # the README's set-up demo: micro ViT, 32 px, 2048 synthetic images, 60 epochs (6.5 min on 2 CPU cores)
+    "demo": "--model micro --input-size 32 --epochs 60 --warmup-epochs 3 --batch-size 64 --accum 1 --lr 1e-3 --gap 2 "
+            "--proj-dim 256 --decoder-dim 64 --decoder-heads 4 --num-workers 1",
+    # the README's 5-epoch synthetic demo at 64 px, 512 images
+    "demo-64px": "--model micro --input-size 64 --gap 2 --proj-dim 256 --decoder-dim 64 --decoder-heads 4 "
+                 "--synthetic-size 512 --batch-size 32 --accum 1 --epochs 5 --warmup-epochs 1 --lr 1e-3 "
+                 "--num-workers 0",
+    # the README's collapse demo on CPU (the collapse table's setting; add --target)
+    "demo-collapse": "--model micro --input-size 64 --synthetic-size 512 --batch-size 32 --accum 1 --epochs 8 "
+                     "--warmup-epochs 1 --lr 1e-3 --num-workers 0 --loss mse --mask-ratio 0.75 --gap 0 --sim-weight 0 "
+                     "--decoder self --proj none --decoder-dim 64 --decoder-heads 4",
+    "in100": IN100,  # the ablation setting (README, ablation rows: add a row's flags; the decoder rows)
+    # B1, the base of the collapse and loss rows, and B2, the base of the mask / gap / sim rows
+    "in100-b1": IN100 + " --loss mse --mask-ratio 0.75 --gap 0 --sim-weight 0 --decoder self --proj none",
+    "in100-b2": IN100 + " --loss patchdisc --decoder self --proj none",
+}
+
+
 def build_parser():
-    parser = add_common_args(argparse.ArgumentParser(description="Latent MIM pretraining (ECCV 2024)"))
+    parser = add_common_args(ArgumentParser(prog="latent_mim.py", description="Latent MIM pretraining (ECCV 2024)",
+                                            recipes=RECIPES), METHOD)
     a = parser.add_argument
     a("--target", choices=TARGETS, default="momentum", help="target encoder (collapse table)")
     a("--momentum", type=float, default=0.99, help="base EMA momentum, cosine to 1 over training")
     a("--loss", choices=LOSSES, default="patchdisc", help="latent reconstruction loss (loss table)")
     a("--tau", type=float, default=0.2, help="PatchDisc temperature")
-    a("--huber-delta", type=float, default=1.0)
+    a("--huber-delta", type=float, default=1.0, help="Huber loss threshold (--loss huber)")
     a("--no-pred2unit", dest="pred2unit", action="store_false", help="do not standardise predictions before PatchDisc")
     a("--mask-ratio", type=float, default=0.9, help="visible = round(L (1 - ratio)): 0.9 -> 20 of 196")
     a("--gap", type=int, default=4, help="pixels between grid cells; patches jitter by 0..gap-1 (0: contiguous)")
@@ -310,9 +333,9 @@ def build_parser():
     a("--gamma-start", type=float, default=0.75, help="R's target similarity at the start (cosine schedule)")
     a("--gamma-end", type=float, default=0.25, help="... and at the end of training")
     a("--decoder", choices=DECODERS, default="cross-cues", help="decoder table: self / cross / cross + visual cues")
-    a("--decoder-depth", type=int, default=3)
-    a("--decoder-dim", type=int, default=512)
-    a("--decoder-heads", type=int, default=16)
+    a("--decoder-depth", type=int, default=3, help="decoder blocks")
+    a("--decoder-dim", type=int, default=512, help="decoder width")
+    a("--decoder-heads", type=int, default=16, help="decoder attention heads")
     a("--proj", choices=("none", "mlp"), default="mlp", help="projector after both encoders")
     a("--proj-dim", type=int, default=4096, help="projector hidden width")
     a("--min-lr-frac", type=float, default=0.25, help="lr warms up from and decays to this fraction of the peak")
@@ -361,11 +384,11 @@ def train_dataset(args):
 # ------------------------------------------------------------------------------------------------ figure and bench
 def write_vis(args, n=4):
     """Per image: the training crop; the jittered grid (pixels the encoders never see dimmed); visible patches at
-    full brightness and target patches tinted red."""
-    from torchvision.utils import make_grid, save_image
+    full brightness and target patches tinted red. The images come from different classes (sample_across_classes)."""
     dataset = train_dataset(args)
-    n = min(n, len(dataset))
-    imgs = denormalize(torch.stack([dataset[(i, mix_seed(args.seed, i))][0] for i in range(n)]))  # [n, 3, crop, crop]
+    picks = sample_across_classes(dataset.base, n, args.seed)
+    n = len(picks)
+    imgs = denormalize(torch.stack([dataset[(i, mix_seed(args.seed, i))][0] for i in picks]))  # [n, 3, crop, crop]
     vit = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)  # its grid, and its checks
     patch, grid, cell = vit.patch_size, vit.grid_size, vit.patch_size + args.gap
     rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, n), n)  # the same draws as the model's `mask`
@@ -382,9 +405,9 @@ def write_vis(args, n=4):
             jitter[b, :, y:y + patch, x:x + patch] = crop
             roles[b, :, y:y + patch, x:x + patch] = crop if k in visible else 0.3 * crop + 0.5 * red
     panels = torch.stack([imgs, jitter, roles], 1).flatten(0, 1)  # [3n, 3, crop, crop]
-    save_image(make_grid(panels, nrow=3, padding=4, pad_value=1.0), args.vis)
-    print(f"wrote {args.vis}: {n} images x (crop {args.crop_size}px | jittered {grid}x{grid} grid, gap {args.gap} | "
-          f"{V} visible, {grid * grid - V} targets in red)")
+    width, height = save_figure(panels, args.vis, columns=3, padding=4)
+    print(f"wrote {args.vis} ({width}x{height} px): {n} images x (crop {args.crop_size}px | jittered {grid}x{grid} "
+          f"grid, gap {args.gap} | {V} visible, {grid * grid - V} targets in red)")
 
 
 def bench(args, model):

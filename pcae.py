@@ -13,21 +13,22 @@ which is why a PCAE step is cheaper than a MAE-style step with the same encoder 
 (`--bench --bench-baseline`). Where the paper leaves details open, the authors' public re-implementation
 (github.com/caddyless/PCAE) is followed, without its bugs (README).
 
-    python pcae.py --data synthetic --model micro --input-size 32 --epochs 5      # CPU demo
+    python pcae.py --recipe demo --data synthetic                                 # CPU demo
     torchrun --nproc_per_node=8 pcae.py --data /imagenet                           # the public recipe
 """
-import argparse, copy, math, sys
+import copy, math, sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (VIT_PRESETS, MAEDecoder, SeededDataset, StepRandom, TrainRun, UserError, add_bench_args,
-                    add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit, check_common_args,
-                    denormalize, ema_momentum, ema_update, eval_transform, gather_tokens, image_transform, load_state,
-                    load_training_checkpoint, patchify, pick_device, preset_patch_size, pretrain_transform,
-                    random_masking, run_main, set_lr, standardize_tokens, unpatchify)
+from common import (VIT_PRESETS, ArgumentParser, MAEDecoder, SeededDataset, StepRandom, TrainRun, UserError,
+                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
+                    check_common_args, denormalize, ema_momentum, ema_update, eval_transform, gather_tokens,
+                    image_transform, load_state, load_training_checkpoint, patchify, pick_device, preset_patch_size,
+                    pretrain_transform, random_masking, run_main, sample_across_classes, save_figure, set_lr,
+                    standardize_tokens, unpatchify)
 
 
 # ----------------------------------------------------------------------------------------- the paper's equations
@@ -175,8 +176,17 @@ def build_model(args):
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
+RECIPES = {  # --recipe NAME: these flags, then the command line's (which win)
+    "imagenet": "",  # the public code's ImageNet recipe: the defaults below
+    # the README's synthetic demo: micro ViT, 32 px, 512 synthetic images, 5 epochs (a few minutes on CPU)
+    "demo": "--model micro --input-size 32 --synthetic-size 512 --batch-size 32 --lr 1e-3 --epochs 5 --warmup-epochs 1 "
+            "--num-workers 0 --decoder-dim 64 --decoder-depth 2 --decoder-heads 4",
+}
+
+
 def build_parser():
-    parser = add_common_args(argparse.ArgumentParser(description="PCAE pretraining (ICLR 2023)"))
+    parser = add_common_args(ArgumentParser(prog="pcae.py", description="PCAE pretraining (ICLR 2023)",
+                                            recipes=RECIPES), "pcae")
     a = parser.add_argument
     a("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden from the student")
     a("--keep-ratio", type=float, default=0.5, help="k: fraction of the teacher's tokens kept at each drop")
@@ -184,13 +194,13 @@ def build_parser():
                                             "0,4,8, 'none', or 'auto' = [depth // 3 * i for i < 3] (0,4,8 for ViT-B: "
                                             "the public code's default drop_case 0)")
     a("--random-drop", action="store_true", help="RD ablation: drop a uniform random subset instead of ranking")
-    a("--decoder-dim", type=int, default=512)
-    a("--decoder-depth", type=int, default=8)
-    a("--decoder-heads", type=int, default=16)
+    a("--decoder-dim", type=int, default=512, help="decoder width")
+    a("--decoder-depth", type=int, default=8, help="decoder blocks")
+    a("--decoder-heads", type=int, default=16, help="decoder attention heads")
     a("--drop-path", type=float, default=0.25, help="student stochastic depth (linear in encoder, constant in decoder)")
     a("--momentum", type=float, default=0.9999, help="teacher momentum at step 0, rising to 1 on a cosine")
     a("--vis", default="", metavar="PATH", help="write a PNG of the masks and the teacher's kept patches, then exit")
-    a("--vis-images", type=int, default=6)
+    a("--vis-images", type=int, default=6, help="rows (images) of the --vis figure")
     add_bench_args(parser)
     a("--bench-baseline", action="store_true",
       help="implies --bench: also time a MAE-style step (same encoder and decoder, all masked patches decoded)")
@@ -311,7 +321,8 @@ def bench(args):
 @torch.no_grad()
 def visualize(args):
     """PNG, one row per image: image | student's visible patches | teacher input (masked patches) | teacher's kept
-    patches after each drop stage. Uses the checkpoint of --resume or --output-dir when there is one."""
+    patches after each drop stage. Uses the checkpoint of --resume or --output-dir when there is one. The images come
+    from different classes (sample_across_classes)."""
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args).to(device).eval()
@@ -323,8 +334,9 @@ def visualize(args):
         print("no checkpoint: visualising a randomly initialised teacher")
     data = SeededDataset(build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size,
                                        seed=args.seed), image_transform(eval_transform(args.input_size)))
-    n = min(args.vis_images, len(data))
-    imgs = torch.stack([data[i][0] for i in range(n)]).to(device)  # [n, 3, H, W]
+    picks = sample_across_classes(data.base, args.vis_images, args.seed)
+    n = len(picks)
+    imgs = torch.stack([data[i][0] for i in picks]).to(device)  # [n, 3, H, W]
     rng = StepRandom(args.seed, 0, device, slice(0, n), n)
     patches = patchify(imgs, model.patch_size)
     vis_ids, mask_ids = model.mask(rng)
@@ -335,10 +347,9 @@ def visualize(args):
         shown = torch.zeros(n, model.num_patches).scatter_(1, ids.cpu(), 1.0)  # [n, L]
         shown = unpatchify(shown[:, :, None].expand(-1, -1, patches.shape[2]), model.patch_size)  # [n, 3, H, W]
         columns.append(pixels * shown + 0.5 * (1 - shown))  # hidden patches grey
-    from torchvision.utils import save_image
-    Path(args.vis).parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.stack(columns, 1).flatten(0, 1), args.vis, nrow=len(columns), padding=2, pad_value=1.0)
-    print(f"wrote {args.vis}: columns = image, visible, teacher input, kept after blocks {model.drop_after}")
+    width, height = save_figure(torch.stack(columns, 1).flatten(0, 1), args.vis, columns=len(columns), padding=2)
+    print(f"wrote {args.vis} ({width}x{height} px): columns = image, visible, teacher input, kept after blocks "
+          f"{model.drop_after}")
     return args.vis
 
 

@@ -8,18 +8,19 @@ Two stages, two sub-commands:
      of every part is masked (intra-part patterns), late in training whole parts (inter-part relations).
 Official stage-B code: github.com/ucasligang/SemMAE (models_mae_setting3.py, engine_pretrain_setting3.py).
 """
-import argparse, math, sys
+import math, sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, MAEDecoder, SeededDataset, StepRandom, TrainRun, UserError,
-                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
-                    check_common_args, denormalize, gather_rows, gather_tokens, image_transform, load_checkpoint,
-                    load_vit, make_loader, patchify, pick_device, preset_patch_size, pretrain_transform,
-                    random_masking, run_main, save_checkpoint, set_lr, standardize_tokens)
+from common import (IMAGENET_MEAN, IMAGENET_STD, ArgumentParser, MAEDecoder, SeededDataset, StepRandom, TrainRun,
+                    UserError, add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset,
+                    build_vit, check_common_args, denormalize, gather_rows, gather_tokens, image_transform,
+                    load_checkpoint, load_vit, make_loader, patchify, pick_device, preset_patch_size,
+                    pretrain_transform, random_masking, run_main, sample_across_classes, save_checkpoint, save_figure,
+                    set_lr, standardize_tokens)
 
 
 # ====================================== stage A: semantic part learning (paper: Semantic Part Learning, Fig. 2 (A))
@@ -358,18 +359,18 @@ def train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=False)
 
 # ==================================================================================================== stage A CLI
 @torch.no_grad()
-def preview_parts(model, base, path, device, count=8):
-    """PNG: per image, the image, its reconstruction, its parts and the parts over the image."""
-    from torchvision.utils import save_image
+def preview_parts(model, base, path, device, seed, count=8):
+    """PNG, one row per image (of different classes, sample_across_classes): the image, its reconstruction, its
+    parts and the parts over the image."""
     tf, size = part_transform(model.img_size, train=False), model.img_size
-    imgs = torch.stack([tf(base.load(i)[0]) for i in range(min(count, len(base)))]).to(device)
+    imgs = torch.stack([tf(base.load(i)[0]) for i in sample_across_classes(base, count, seed)]).to(device)
     model.eval()
     cls, maps = model.maps(imgs)
     tiles = []
     for img, rec, pid in zip(denormalize(imgs), denormalize(model.decode(maps, cls)), maps.argmax(1)):
         col = colorize(pid, size)
         tiles += [img, rec, col, 0.5 * img + 0.5 * col]
-    save_image(tiles, path, nrow=8, padding=1)
+    save_figure(tiles, path, columns=4, padding=1, pad_value=0.0)
 
 
 @torch.no_grad()
@@ -382,7 +383,7 @@ def extract_parts(model, base, args, run):
     loader = make_loader(torch.utils.data.Subset(data, range(d.rank, len(base), d.world)), args.batch_size,
                          args.num_workers)
     out = [torch.empty(0, model.grid, model.grid, dtype=torch.uint8, device=run.device)]
-    for imgs, _, _ in tqdm(loader, desc="part ids", disable=not d.is_main, dynamic_ncols=True):
+    for imgs, _, _ in tqdm(loader, desc="part ids", disable=None if d.is_main else True, dynamic_ncols=True):
         with autocast(run.device):
             out.append(model.maps(imgs.to(run.device, non_blocking=True))[1].argmax(1).to(torch.uint8))
     ids = gather_rows(d, torch.cat(out), len(base)).cpu()  # [images, h, w] in dataset order
@@ -391,7 +392,7 @@ def extract_parts(model, base, args, run):
                         range(len(base))], "grid": [model.grid, model.grid], "num_parts": model.num_parts,
                         "image_size": model.img_size, "teacher": str(args.teacher), "data": str(args.data)})
         preview = args.preview or str(Path(args.out).with_suffix("")) + "_preview.png"
-        preview_parts(model, base, preview, run.device)
+        preview_parts(model, base, preview, run.device, args.seed)
         counts = torch.bincount(ids.flatten().long(), minlength=model.num_parts) / ids.numel()
         d.print(f"wrote {args.out}: {len(base)} images x {model.grid}x{model.grid} part ids, part shares "
                 f"{' '.join(f'{c:.2f}' for c in counts.tolist())}; preview {preview}")
@@ -410,6 +411,7 @@ def main_parts(args):
         raise UserError("--num-parts must be between 2 and 255 (part ids are stored as uint8)")
     if args.dec_channels < 1 or args.div_weight < 0:
         raise UserError("--dec-channels must be at least 1 and --div-weight non-negative")
+    args.out = args.out or str(Path(args.output_dir) / "parts.pt")
     if args.teacher == "random":
         print("warning: --teacher random: a randomly initialised teacher, for smoke runs only; its parts are "
               "meaningless", file=sys.stderr)
@@ -428,7 +430,7 @@ def main_parts(args):
     encoder = model.teacher  # stage A trains no encoder: its checkpoints export the frozen teacher, for eval_probe.py
     run.resume(model, optimizer)
     if args.vis:  # a preview of the current model instead of training
-        return preview_parts(model, base, args.vis, run.device) if run.dist.is_main else None
+        return preview_parts(model, base, args.vis, run.device, args.seed) if run.dist.is_main else None
     ddp_model = run.wrap(model)
     run.measure_flops(model, torch.zeros(2, 3, args.input_size, args.input_size, device=run.device))
     train(args, run, model, ddp_model, optimizer, encoder)
@@ -437,13 +439,13 @@ def main_parts(args):
 
 # ==================================================================================================== stage B CLI
 def vis_masks(args, base, parts, path, count=4):
-    """PNG: per image, the image, its part map and the masks at alpha 0, 0.5 and 1 (masked patches greyed)."""
-    from torchvision.utils import save_image
+    """PNG, one row per image (of different classes, sample_across_classes): the image, its part map and the masks
+    at alpha 0, 0.5 and 1 (masked patches greyed)."""
     k, p, s = parts["num_parts"], preset_patch_size(args.model, args.patch_size), args.input_size
     tf, grid, data = joint_transform(s, p, k, train=False), s // p, WithParts(base, parts["part_ids"])
     rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, 1), 1)  # one image per draw, same figure per seed
     tiles = []
-    for i in range(min(count, len(base))):
+    for i in sample_across_classes(base, count, args.seed):
         img, ids, _ = tf(*data.load(i))
         img = denormalize(img)
         tiles += [img, colorize(ids.view(grid, grid), s)]
@@ -452,8 +454,8 @@ def vis_masks(args, base, parts, path, count=4):
             keep = torch.ones(grid * grid).index_fill(0, mask_ids[0], 0.0).view(1, 1, grid, grid)
             keep = F.interpolate(keep, size=(s, s), mode="nearest")[0]
             tiles.append(img * keep + 0.5 * (1 - keep))
-    save_image(tiles, path, nrow=5, padding=1)
-    print(f"wrote {path}")
+    width, height = save_figure(tiles, path, columns=5, padding=1, pad_value=0.0)
+    print(f"wrote {path} ({width}x{height} px)")
 
 
 def bench(args, num_parts=6):
@@ -510,40 +512,57 @@ def main_pretrain(args):
 
 
 # ============================================================================================================= CLI
+DEMO = "--input-size 64 --synthetic-size 2048 --num-workers 1 --epochs 10 --warmup-epochs 1 --batch-size 128"
+PARTS_RECIPES = {  # --recipe NAME of `parts`: these flags, then the command line's (which win)
+    "imagenet": "",  # the defaults below
+    "demo": DEMO + " --blr 4e-3 --num-parts 4 --dec-channels 64",  # the README's synthetic pipeline, step A
+}
+PRETRAIN_RECIPES = {  # --recipe NAME of `pretrain`
+    "imagenet": "",  # the paper's (MAE's) recipe: the defaults below
+    # the README's synthetic pipeline: step B (micro ViT, 64 px, 10 epochs), and step 0, its plain MAE teacher
+    "demo": DEMO + " --model micro --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 --blr 1.5e-3",
+    "demo-teacher": DEMO + " --model micro --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 --blr 1.5e-3 "
+                           "--masking random",
+}
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="SemMAE: stage A learns semantic parts, stage B pretrains an MAE "
-                                                 "with semantic-guided masking")
+    parser = ArgumentParser(prog="semmae.py", description="SemMAE: stage A learns semantic parts, stage B pretrains "
+                                                          "an MAE with semantic-guided masking")
     sub = parser.add_subparsers(dest="command", required=True)
-    pa = add_common_args(sub.add_parser("parts", help="stage A: semantic part learning -> parts file"))
+    pa = add_common_args(sub.add_parser("parts", help="stage A: semantic part learning -> parts file",
+                                        recipes=PARTS_RECIPES), "semmae-parts")
     pa.add_argument("--teacher", required=True, help="frozen ViT checkpoint (ours, MAE, DINO, iBOT); 'random' for "
                                                     "smoke runs")
-    pa.add_argument("--out", required=True, help="parts file to write (part ids for every training image)")
+    pa.add_argument("--out", default=None, help="parts file to write (part ids for every training image; default: "
+                                                "parts.pt in --output-dir)")
     pa.add_argument("--num-parts", type=int, default=6, help="N attention maps / parts")
     pa.add_argument("--div-weight", type=float, default=1.0, help="lambda of L_div")
     pa.add_argument("--dec-channels", type=int, default=256, help="width of the StyleGAN-like decoder (halved per x2)")
     pa.add_argument("--preview", default=None, help="PNG of the parts (default: next to --out)")
     pa.add_argument("--vis", default=None, help="write a preview PNG of the current model and exit")
     # (decision) the paper gives no stage-A recipe; a short run is enough for a small head and decoder
-    pa.set_defaults(output_dir="output/semmae-parts", epochs=20, warmup_epochs=2, blr=1e-3, weight_decay=0.05)
+    pa.set_defaults(epochs=20, warmup_epochs=2, blr=1e-3, weight_decay=0.05)
 
-    pb = add_common_args(sub.add_parser("pretrain", help="stage B: MAE with semantic-guided masking"))
-    pb.add_argument("--parts", default=None, help="parts file from `semmae.py parts`")
+    pb = add_common_args(sub.add_parser("pretrain", help="stage B: MAE with semantic-guided masking",
+                                        recipes=PRETRAIN_RECIPES), "semmae")
+    pb.add_argument("--parts", default=None, help="parts file from `semmae.py parts` (needed by --masking semantic)")
     pb.add_argument("--masking", default="semantic", choices=["semantic", "random"], help="random: plain MAE")
-    pb.add_argument("--mask-ratio", type=float, default=0.75)
+    pb.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches masked")
     pb.add_argument("--alpha-schedule", default="power", choices=["power", "reverse", "const0", "const1", "cosine"],
                     help="power: alpha = (t / T)^gamma (paper, official code's head); reverse: 1 - (t / T)^gamma "
                          "(the official commented-out line is linear: add --gamma 1); const0 / const1: alpha fixed; "
                          "cosine: (1 - cos(pi t / T)) / 2 (the official engine's first upload only)")
     pb.add_argument("--gamma", type=float, default=2.0, help="alpha = (t / T)^gamma (power and reverse)")
-    pb.add_argument("--decoder-dim", type=int, default=512)
-    pb.add_argument("--decoder-depth", type=int, default=8)
-    pb.add_argument("--decoder-heads", type=int, default=16)
-    pb.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false")
+    pb.add_argument("--decoder-dim", type=int, default=512, help="decoder width")
+    pb.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks")
+    pb.add_argument("--decoder-heads", type=int, default=16, help="decoder attention heads")
+    pb.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
+                    help="pixel targets as they are, not standardised per patch (MAE's --norm_pix_loss off)")
     pb.add_argument("--vis", default=None, help="write a PNG of parts and masks at alpha 0, 0.5, 1 and exit")
     add_bench_args(pb)
     # paper / MAE recipe: ViT-B/16, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05 (batch 4096 = 64 x 8 GPUs x --accum 8)
-    pb.set_defaults(output_dir="output/semmae", model="base", epochs=800, warmup_epochs=40, blr=1.5e-4,
-                    weight_decay=0.05)
+    pb.set_defaults(model="base", epochs=800, warmup_epochs=40, blr=1.5e-4, weight_decay=0.05)
     return parser
 
 

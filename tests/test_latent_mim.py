@@ -324,14 +324,6 @@ def test_main_run_logs_and_exports_the_online_encoder(tmp_path):
     assert not all(torch.equal(state[f"target_encoder.{n}"], q) for n, q in vit.state_dict().items())
 
 
-def test_vis_writes_the_figure(tmp_path):
-    from PIL import Image
-    path = tmp_path / "grid.png"
-    lm.main(lm.build_parser().parse_args(MICRO + ["--vis", str(path)]))
-    with Image.open(path) as img:
-        assert img.size == (4 + 3 * (40 + 4), 4 + 4 * (40 + 4))  # 3 panels x 4 images of the 40 px crop
-
-
 def test_no_weight_decay_names():
     """The official groups (timm, names with 'bias' / 'norm' / 'embed' undecayed), mapped onto our names, for the
     default ViT-B/16 model; the frozen momentum target is in no group."""

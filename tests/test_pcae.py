@@ -1,5 +1,6 @@
 """Tests of pcae.py: the paper's S(x) and T(x; k) against hand computations, token counts, absolute ids, the teacher
-(masked patches only, exact copy, no gradient, EMA), the loss, a short training run, --vis, --bench, flag errors."""
+(masked patches only, exact copy, no gradient, EMA), the loss, a short training run, --bench, flag errors (--vis:
+test_figures.py)."""
 import json, math
 
 import pytest
@@ -201,23 +202,6 @@ def test_training_lowers_the_loss(tmp_path):
     assert not torch.equal(model["teacher.blocks.0.attn.qkv.weight"], model["student.blocks.0.attn.qkv.weight"])
     assert "decoder.head.weight" in model and "decoder.pos_embed" not in model  # fixed positions are not saved
     assert ckpt["args"]["momentum"] == 0.9999
-
-
-def test_vis_writes_kept_patches(tmp_path):
-    from PIL import Image
-    from torchvision.transforms.v2.functional import pil_to_tensor
-    out = tmp_path / "vis.png"
-    pcae.main(pcae.build_parser().parse_args(MICRO + ["--vis", str(out), "--vis-images", "2",
-                                                       "--output-dir", str(tmp_path)]))
-    img = pil_to_tensor(Image.open(out).convert("RGB"))  # 2 rows x 6 columns of 32 px tiles, 2 px padding
-    assert img.shape == (3, 2 + 2 * 34, 2 + 6 * 34)
-    shown = [4, 12, 6, 3, 1]  # visible, teacher input, kept after blocks 0, 1, 2 (of 16 patches)
-    for row in range(2):
-        for col, count in enumerate(shown, start=1):
-            tile = img[:, 2 + row * 34:2 + row * 34 + 32, 2 + col * 34:2 + col * 34 + 32]
-            patches = tile.unfold(1, 8, 8).unfold(2, 8, 8).reshape(3, 16, 64)
-            grey = (patches == 128).all(dim=2).all(dim=0).sum().item()
-            assert grey == 16 - count
 
 
 def test_bench_pcae_cheaper_than_mae_style(capsys):

@@ -308,7 +308,7 @@ def test_stage_a_writes_parts_that_stage_b_reads(tmp_path):
     vis = tmp_path / "masks.png"
     semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "2", "--vis", str(vis), *common]))
     from PIL import Image
-    assert Image.open(vis).size == (5 * 33 + 1, 4 * 33 + 1)  # 4 images x (image, parts, 3 masks), 1 px padding
+    assert Image.open(vis).size == (5 * 129 + 1, 4 * 129 + 1)  # 4 images x (image, parts, 3 masks), 32 px x4, 1 px pad
 
     # a parts file of another dataset is refused with one clear line
     with pytest.raises(UserError, match="parts for 16 images but the dataset has 24"):
@@ -343,4 +343,4 @@ def test_bad_flags():
     with pytest.raises(UserError, match="needs --parts"):
         semmae.main(parse(["pretrain", "--data", "synthetic"]))
     with pytest.raises(SystemExit):
-        parse(["parts", "--data", "synthetic"])  # --teacher and --out are required
+        parse(["parts", "--data", "synthetic"])  # --teacher is required

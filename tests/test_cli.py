@@ -1,0 +1,259 @@
+"""The command lines: --help shows every default, --recipe NAME gives exactly the README's demo flags (explicit flags
+win), each method writes to runs/<method> by default, the log's first line is the resolved command line, and the
+progress is one plain line per event when the output is not a terminal (a bar on a terminal, summaries above it)."""
+import argparse
+import importlib
+import io
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT, argv, subprocess_env
+
+PARSERS = {  # name -> (module, sub-command)
+    "latent_mim": ("latent_mim", None), "pcae": ("pcae", None), "semmae-parts": ("semmae", "parts"),
+    "semmae": ("semmae", "pretrain"), "eval_probe": ("eval_probe", None)}
+REQUIRED = {"latent_mim": ["--data", "synthetic"], "pcae": ["--data", "synthetic"], "semmae": ["--data", "synthetic"],
+            "semmae-parts": ["--data", "synthetic", "--teacher", "random"],
+            "eval_probe": ["--ckpt", "x.pth", "--data", "synthetic"]}
+
+
+def parser_of(name):
+    """(the script's parser, the (sub-)parser that holds the flags, the arguments before the flags)"""
+    module, sub = PARSERS[name]
+    parser = importlib.import_module(module).build_parser()
+    if sub is None:
+        return parser, parser, []
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, subparsers.choices[sub], [sub]
+
+
+def parse(name, *flags):
+    parser, _, sub = parser_of(name)
+    return parser.parse_args([*sub, *REQUIRED[name], *flags])
+
+
+# ------------------------------------------------------------------------------------------------------------ --help
+@pytest.mark.parametrize("name", list(PARSERS))
+def test_help_lists_every_default(name):
+    _, parser, _ = parser_of(name)
+    text = " ".join(parser.format_help().split())  # argparse wraps lines: compare with single spaces
+    for action in parser._actions:
+        if not action.option_strings or action.default is argparse.SUPPRESS or action.required:
+            continue
+        own = " ".join((action.help or "").split())
+        if action.nargs == 0:  # switches
+            expected = f"{own} (default: off)"
+        elif action.default is None or action.default == "":  # worked out at run time: the help text says how
+            expected = own if "default" in own else f"{own} (default: none)"
+        else:
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            expected = f"{own} (default: {shown})"
+        assert expected in text, (action.option_strings, expected)
+    assert "(default: 0.05)" in text if name != "eval_probe" else "(default: 0.07)" in text
+    assert " --warmup-epochs " in text or name == "eval_probe"  # a flag is never cut at its hyphen
+
+
+def test_help_of_the_sub_commands_and_the_recipes(capsys):
+    import semmae
+    with pytest.raises(SystemExit) as exit_info:
+        semmae.build_parser().parse_args(["pretrain", "--recipe", "demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and "(default: runs/semmae)" in text and "(default: imagenet)" in text
+    assert "demo-teacher: " + semmae.PRETRAIN_RECIPES["demo-teacher"] in text  # the recipes' flags are listed
+
+
+# -------------------------------------------------------------------------------------------------------- recipes
+README_DEMOS = [  # (name, recipe, the flags of the README's synthetic demo command, bar --data and --output-dir)
+    ("latent_mim", "demo", "--model micro --input-size 32 --epochs 60 --warmup-epochs 3 --batch-size 64 --accum 1 "
+                           "--lr 1e-3 --gap 2 --proj-dim 256 --decoder-dim 64 --decoder-heads 4 --num-workers 1"),
+    ("latent_mim", "demo-64px", "--model micro --input-size 64 --gap 2 --proj-dim 256 --decoder-dim 64 "
+                                "--decoder-heads 4 --synthetic-size 512 --batch-size 32 --accum 1 --epochs 5 "
+                                "--warmup-epochs 1 --lr 1e-3 --num-workers 0"),
+    ("latent_mim", "demo-collapse", "--model micro --input-size 64 --synthetic-size 512 --batch-size 32 --accum 1 "
+                                    "--epochs 8 --warmup-epochs 1 --lr 1e-3 --num-workers 0 --loss mse --mask-ratio "
+                                    "0.75 --gap 0 --sim-weight 0 --decoder self --proj none --decoder-dim 64 "
+                                    "--decoder-heads 4"),
+    ("latent_mim", "in100-b1", "--epochs 300 --warmup-epochs 30 --batch-size 128 --accum 4 --loss mse --mask-ratio "
+                               "0.75 --gap 0 --sim-weight 0 --decoder self --proj none"),
+    ("latent_mim", "in100-b2", "--epochs 300 --warmup-epochs 30 --batch-size 128 --accum 4 --loss patchdisc "
+                               "--decoder self --proj none"),
+    ("pcae", "demo", "--model micro --input-size 32 --synthetic-size 512 --batch-size 32 --lr 1e-3 --epochs 5 "
+                     "--warmup-epochs 1 --num-workers 0 --decoder-dim 64 --decoder-depth 2 --decoder-heads 4"),
+    ("semmae", "demo-teacher", "--input-size 64 --synthetic-size 2048 --num-workers 1 --masking random --model micro "
+                               "--decoder-dim 128 --decoder-depth 2 --decoder-heads 4 --epochs 10 --warmup-epochs 1 "
+                               "--batch-size 128 --blr 1.5e-3"),
+    ("semmae-parts", "demo", "--input-size 64 --synthetic-size 2048 --num-workers 1 --epochs 10 --warmup-epochs 1 "
+                             "--batch-size 128 --blr 4e-3 --num-parts 4 --dec-channels 64"),
+    ("semmae", "demo", "--input-size 64 --synthetic-size 2048 --num-workers 1 --model micro --decoder-dim 128 "
+                       "--decoder-depth 2 --decoder-heads 4 --epochs 10 --warmup-epochs 1 --batch-size 128 "
+                       "--blr 1.5e-3"),
+]
+
+
+@pytest.mark.parametrize("name, recipe, flags", README_DEMOS, ids=[f"{n}-{r}" for n, r, _ in README_DEMOS])
+def test_recipe_is_exactly_the_readme_command(name, recipe, flags):
+    by_recipe, by_flags = vars(parse(name, "--recipe", recipe)), vars(parse(name, *flags.split()))
+    assert by_recipe.pop("recipe") == recipe and by_flags.pop("recipe") == "imagenet"
+    assert by_recipe == by_flags  # the same namespace, so the same run (weights, logs) as the README's command
+
+
+@pytest.mark.parametrize("name", ["latent_mim", "pcae", "semmae-parts", "semmae"])
+def test_imagenet_recipe_is_the_defaults(name):
+    assert vars(parse(name)) == vars(parse(name, "--recipe", "imagenet"))
+
+
+def test_explicit_flags_win_over_the_recipe():
+    demo = parse("latent_mim", "--recipe", "demo")
+    assert (demo.model, demo.input_size, demo.epochs, demo.lr, demo.gap) == ("micro", 32, 60, 1e-3, 2)
+    # before or after --recipe, also where the flag repeats the imagenet default (base, 224, --accum 2)
+    for flags in (["--recipe", "demo", "--model", "base", "--input-size", "224", "--epochs", "7"],
+                  ["--model", "base", "--input-size", "224", "--epochs", "7", "--recipe", "demo"]):
+        args = parse("latent_mim", *flags)
+        assert (args.model, args.input_size, args.epochs, args.lr, args.gap, args.recipe) == \
+               ("base", 224, 7, 1e-3, 2, "demo")
+    assert parse("latent_mim", "--recipe", "demo", "--accum", "2").accum == 2  # the imagenet default, not demo's 1
+    teacher = parse("semmae", "--recipe", "demo-teacher", "--masking", "semantic", "--blr", "1.5e-4")
+    assert (teacher.masking, teacher.blr, teacher.model) == ("semantic", 1.5e-4, "micro")
+    args = parse("pcae", "--recipe=demo")
+    assert (args.model, args.decoder_depth) == ("micro", 2)
+
+
+def test_unknown_recipe_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("latent_mim", "--recipe", "imagenet-1k")
+    assert exit_info.value.code == 2 and "invalid choice: 'imagenet-1k'" in capsys.readouterr().err
+
+
+def test_a_resume_may_name_another_recipe():
+    assert common.training_changes({"recipe": "demo", "lr": 1e-3}, {"recipe": "imagenet", "lr": 1e-3}) == []
+    assert common.training_changes({"recipe": "demo", "lr": 1e-3}, {"recipe": "demo", "lr": 2e-3}) != []
+
+
+# ---------------------------------------------------------------------------------------------- output folders
+def test_default_output_dir_per_method():
+    assert {name: parse(name).output_dir for name in ("latent_mim", "pcae", "semmae", "semmae-parts")} == {
+        "latent_mim": "runs/latent_mim", "pcae": "runs/pcae", "semmae": "runs/semmae",
+        "semmae-parts": "runs/semmae-parts"}
+    assert parse("latent_mim", "--recipe", "demo").output_dir == "runs/latent_mim"
+    probe = parse("eval_probe")
+    assert probe.output is None and probe.output_dir is None  # next to the checkpoint (output_path, finetune)
+
+
+def test_parts_file_defaults_to_the_output_dir(tmp_path):
+    import semmae
+    flags = argv("semmae-parts", tmp_path, "")
+    del flags[flags.index("--out"):flags.index("--out") + 2]
+    semmae.main(semmae.build_parser().parse_args([*flags, "--epochs", "1"]))
+    assert (tmp_path / "parts.pt").is_file() and (tmp_path / "parts_preview.png").is_file()
+
+
+# -------------------------------------------------------------------------------------------------------- the log
+def run_cli(monkeypatch, capsys, flags):
+    """latent_mim's command line in-process through run_main -> (stdout, stderr); pytest's streams are no terminal."""
+    import latent_mim
+    monkeypatch.setattr(sys, "argv", ["latent_mim.py", *flags])
+    capsys.readouterr()
+    common.run_main(latent_mim.main, latent_mim.build_parser())
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_first_line_is_the_resolved_command_and_progress_is_plain_lines(tmp_path, monkeypatch, capsys):
+    import latent_mim
+    flags = ["--recipe", "demo", *argv("latent_mim", tmp_path, "")]  # the tiny run's flags override demo's
+    out, err = run_cli(monkeypatch, capsys, flags)
+    lines = out.splitlines()
+    head, _, command = lines[0].partition(": ")
+    assert head == "latent_mim.py (recipe demo)"
+    assert "--model micro --input-size 32 --epochs 2 " in command and "--gap 2 --sim-weight 0.05 " in command
+    # the line is the whole configuration: it gives the same arguments without the recipe
+    replay, given = vars(latent_mim.build_parser().parse_args(shlex.split(command))), vars(
+        latent_mim.build_parser().parse_args(flags))
+    assert replay.pop("recipe") == "imagenet" and given.pop("recipe") == "demo" and replay == given
+    # not a terminal: one line per event, no carriage returns, each epoch summary at the start of its own line
+    assert "\r" not in out and "\r" not in err
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 24 and steps[11].startswith("step 12/24 loss=") and " lr=" in steps[11]
+    assert " images_per_s=" in steps[11] and " eta=" in steps[11]
+    assert [line.split()[0] for line in lines if "epoch=" in line] == ["epoch=0", "epoch=1"]
+    assert lines.index(steps[11]) + 1 == lines.index(next(line for line in lines if line.startswith("epoch=0")))
+
+
+def test_first_line_on_rank_0_only(monkeypatch, capsys):
+    import latent_mim
+    monkeypatch.setattr(sys, "argv", ["latent_mim.py", "--data", "synthetic"])
+    for rank, printed in (("1", ""), ("0", "latent_mim.py (recipe imagenet): --data synthetic --output-dir ")):
+        monkeypatch.setenv("RANK", rank)  # as torchrun sets it
+        common.run_main(lambda args: None, latent_mim.build_parser())
+        out = capsys.readouterr().out
+        assert out.startswith(printed) and out.count("\n") == (rank == "0")
+
+
+def logger_run(every, steps=6):
+    """A StepLogger of one epoch of `steps` steps (loss as a device tensor, lr as a float), then its summary."""
+    logger = common.StepLogger(common.Dist("cpu"), logger_run.folder, every=every, total_steps=steps)
+    for step in range(1, steps + 1):
+        logger.update(step, {"loss": torch.tensor(0.5), "lr": 1e-3 * step}, images=4, data_time=0.0)
+    logger.epoch_summary(0, lr=1e-3 * steps)
+    logger.close()
+
+
+def test_plain_lines_every_log_interval(tmp_path, capsys):
+    logger_run.folder = tmp_path
+    logger_run(every=4, steps=9)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" loss=")[0] for line in out] == ["step 4/9", "step 8/9", "epoch=0"]
+    assert "loss=0.5 lr=0.008 " in out[1]  # the running mean of the loss, the lr of the step (not a mean)
+
+
+def terminal_screen(text):
+    """The lines a terminal shows for `text`: a carriage return moves back to the line's start and what follows
+    overwrites it."""
+    screen, col = [[]], 0
+    for ch in text:
+        if ch == "\n":
+            screen.append([])
+            col = 0
+        elif ch == "\r":
+            col = 0
+        else:
+            line = screen[-1]
+            line[col:col + 1] = [ch]
+            col += 1
+    return ["".join(line).rstrip() for line in screen]
+
+
+def test_on_a_terminal_a_bar_and_the_summary_on_its_own_line(tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    logger_run.folder = tmp_path
+    logger_run(every=2)
+    monkeypatch.undo()
+    assert "\r" in term.getvalue() and "step 2/6" not in term.getvalue()  # a tqdm bar, no plain lines
+    summary = [line for line in terminal_screen(term.getvalue()) if "epoch=" in line]
+    assert len(summary) == 1 and summary[0].startswith("epoch=0 loss=0.5 lr=0.006 ")
+
+
+@pytest.mark.slow
+def test_log_redirected_to_a_file(tmp_path):
+    """The real command with stdout and stderr in one file (`> log 2>&1`): one line per event, nothing glued."""
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, str(ROOT / "pcae.py"), *argv("pcae", tmp_path / "run", ""),
+                               "--log-every", "5"], env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    lines = text.splitlines()
+    assert "\r" not in text and lines[0].startswith("pcae.py (recipe imagenet): --data synthetic ")
+    assert [line.split()[0] for line in lines if "epoch=" in line] == ["epoch=0", "epoch=1"]
+    assert [line.split()[1] for line in lines if line.startswith("step ")] == ["5/24", "10/24", "15/24", "20/24"]
