@@ -120,14 +120,15 @@ class Checker:
                 if done and done[-1] >= steps // 2:
                     proc.send_signal(signal.SIGTERM)
                     break
-                time.sleep(0.2)
+                time.sleep(0.02)
             proc.wait(timeout=600)
             first = first_log.read_text()
             first_log.unlink()
             self.log.write(first + f"[exit {proc.returncode}]\n")
             row["sigterm_exit"] = proc.returncode
-            if proc.returncode != 75:
-                self.fail(f"smoke {name}: SIGTERM gave exit {proc.returncode}, expected 75")
+            if proc.returncode != 75:  # -15: the signal came after the run (too fast for --steps) or before run_main
+                self.fail(f"smoke {name}: SIGTERM gave exit {proc.returncode}, expected 75 (raise --steps if the run "
+                          f"had already ended)")
             stopped_at = common.load_checkpoint(ckpt)["step"] if ckpt.exists() else None
             rc, second = self.run(cmd)  # the same command again: resumes and finishes
             final = common.load_checkpoint(ckpt) if ckpt.exists() else {}
