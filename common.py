@@ -595,14 +595,11 @@ class SeededDataset(torch.utils.data.Dataset):
     (wrapping around within the class: the label stays right and the choice is deterministic) and reported in the
     returned `bad` field (its index, else -1) so that the main process can report it once and count it. When the
     image and the next MAX_READ_TRIES - 1 of its class (or the whole class, if smaller) are unreadable, a DataError
-    stops the run. A base without classes (no `class_range`, also looked up through wrappers' `.base`) tries the
+    stops the run. A base without classes (no `class_range`) tries the
     next images of the whole dataset. Returns (*transformed sample, bad)."""
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
-        source = base
-        while not hasattr(source, "class_range") and hasattr(source, "base"):  # through wrappers such as WithParts
-            source = source.base
-        self.class_range = getattr(source, "class_range", lambda i: (0, len(self.base)))
+        self.class_range = getattr(base, "class_range", lambda i: (0, len(self.base)))
 
     def __len__(self):
         return len(self.base)
@@ -1457,7 +1454,7 @@ class TrainRun:
         self.effective_batch = a.batch_size * d.world * a.accum
         self.peak_lr = a.lr if a.lr is not None else a.blr * self.effective_batch / 256
         self.epoch = self.step = self.epoch_step = 0  # epoch_step: optimizer steps of the current epoch already done
-        self.current_lr, self.data_time, self.images = 0.0, 0.0, None
+        self.current_lr, self.data_time, self.images, self.saved_at = 0.0, 0.0, None, None
         self.guard = NonFiniteGuard(d)
         self.logger = StepLogger(d, self.out, a.log_every, self.total_steps)
         d.print(f"{method}: {len(dataset)} images, {self.steps_per_epoch} steps/epoch, effective batch "
@@ -1663,6 +1660,8 @@ class TrainRun:
         error (a full disk). Never after a non-finite loss or with non-finite weights: that stops the run and keeps the
         last good checkpoint."""
         self.guard.flush()
+        if self.saved_at == (self.epoch, self.step):  # e.g. --max-steps on an epoch's end: saved by its epoch end
+            return
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()  # one host read
         if not finite:
             raise FloatingPointError(f"non-finite parameters after step {self.step - 1}; training stopped, the "
@@ -1678,6 +1677,7 @@ class TrainRun:
             if keep and self.epoch_step == 0 and self.epoch % keep == 0:
                 save_checkpoint(self.out / f"checkpoint-{self.epoch:04d}.pth", state)
         self.all_processes(lambda: write() if self.dist.is_main else None)
+        self.saved_at = (self.epoch, self.step)
 
     def finish(self):
         """After the loop: close the progress bar, wait for every process, unlock the output folder."""

@@ -520,7 +520,8 @@ def evaluate_classifier(model, loader, dist, dataset=None):
     mode), as MAE's engine_finetune.evaluate. Each process takes its share of the images and the counts are summed
     over processes, so every image counts once. Ranks as label_rank (ties in class order)."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # top-1 hits, top-5 hits, cross-entropy, images
+    sums = torch.zeros(3, dtype=torch.float64, device=dist.device)  # top-1 hits, top-5 hits, cross-entropy
+    images = 0  # this process's images, counted on the host
     for imgs, labels, bad in loader:
         if dataset is not None:
             report_bad(bad, dataset)
@@ -528,9 +529,11 @@ def evaluate_classifier(model, loader, dist, dataset=None):
         with autocast(dist.device):
             logits = model.logits(imgs).float()  # [B, C]
         rank = label_rank(logits, labels)
-        sums += torch.stack([(rank < 1).sum(), (rank < 5).sum(), F.cross_entropy(logits, labels, reduction="sum"),
-                             torch.tensor(len(labels), device=dist.device)]).double()
+        sums += torch.stack([(rank < 1).sum(), (rank < 5).sum(),
+                             F.cross_entropy(logits, labels, reduction="sum")]).double()
+        images += len(labels)
     model.train()
+    sums = torch.cat([sums, sums.new_tensor([images])])  # one copy to the device, after the loop
     top1, top5, loss, n = (dist.all_reduce_mean(sums) * dist.world).tolist()
     n = max(round(n), 1)
     return 100.0 * round(top1) / n, 100.0 * round(top5) / n, loss / n
@@ -691,9 +694,15 @@ MODE_DEFAULTS = {  # the flags whose default depends on --mode (None in the pars
 }
 
 
-def main(args):
+def fill_mode_defaults(args):
+    """The defaults of the flags that depend on --mode (None in the parser); flags given on the command line stay."""
     for k, v in MODE_DEFAULTS["finetune" if args.mode == "finetune" else "linear"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    return args
+
+
+def main(args):
+    fill_mode_defaults(args)
     if args.mode == "finetune":
         return finetune(args)
     check_args(args)

@@ -254,10 +254,8 @@ class LatentMIM(nn.Module):
         """z_T [B, T, D]: the target encoder sees only the target patches (plus its cls token)."""
         own = self.target in ("momentum", "independent")  # a target encoder of its own, or the online one
         vit, proj = (self.target_encoder, self.target_proj) if own else (self.encoder, self.proj)
-        if self.target in ("momentum", "shared-stopgrad"):
-            with torch.no_grad():
-                return proj(vit.forward_pixels(pixels, ids, rng))[:, 1:]
-        return proj(vit.forward_pixels(pixels, ids, rng))[:, 1:]  # independent, joint: gradients reach the targets
+        with torch.set_grad_enabled(self.target in ("independent", "joint")):  # these train the target branch too
+            return proj(vit.forward_pixels(pixels, ids, rng))[:, 1:]
 
     def loss(self, pred, target, visible):
         """The loss table's Delta (mean over target patches) + sim_weight R. pred [B, T, D] raw predictions z^,
@@ -283,8 +281,8 @@ class LatentMIM(nn.Module):
 
     def update_teacher(self, momentum):
         """q <- m q + (1 - m) p for the target encoder and projector (momentum target only)."""
-        ema_update(nn.ModuleList([self.target_encoder, self.target_proj]), nn.ModuleList([self.encoder, self.proj]),
-                   momentum)
+        ema_update(self.target_encoder, self.encoder, momentum)
+        ema_update(self.target_proj, self.proj, momentum)
 
 
 def build_model(args):

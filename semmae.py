@@ -279,6 +279,8 @@ class WithParts:
     """A dataset with `load(i)` plus its part maps: load(i) -> (image, part map [h, w] uint8, label)."""
     def __init__(self, base, part_ids):
         self.base, self.part_ids, self.path = base, part_ids, base.path
+        if hasattr(base, "class_range"):  # an ImageFolder: unreadable images are replaced within their class
+            self.class_range = base.class_range
 
     def __len__(self):
         return len(self.base)
@@ -443,13 +445,13 @@ def vis_masks(args, base, parts, path, count=4):
     at alpha 0, 0.5 and 1 (masked patches greyed)."""
     k, p, s = parts["num_parts"], preset_patch_size(args.model, args.patch_size), args.input_size
     tf, grid, data = joint_transform(s, p, k, train=False), s // p, WithParts(base, parts["part_ids"])
-    rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, 1), 1)  # one image per draw, same figure per seed
     tiles = []
     for i in sample_across_classes(base, count, args.seed):
         img, ids, _ = tf(*data.load(i))
         img = denormalize(img)
         tiles += [img, colorize(ids.view(grid, grid), s)]
-        for alpha in (0.0, 0.5, 1.0):
+        for alpha in (0.0, 0.5, 1.0):  # the same draws (permutation, visiting order) for every alpha: only alpha varies
+            rng = StepRandom(args.seed, i, torch.device("cpu"), slice(0, 1), 1)
             _, mask_ids = semantic_guided_masking(ids[None], args.mask_ratio, alpha, rng, num_parts=k)
             keep = torch.ones(grid * grid).index_fill(0, mask_ids[0], 0.0).view(1, 1, grid, grid)
             keep = F.interpolate(keep, size=(s, s), mode="nearest")[0]

@@ -267,9 +267,11 @@ def test_finetune_flag_errors(tmp_path):
     with pytest.raises(common.UserError, match="--layer-decay"):
         finetune(ckpt, tmp_path / "o", "--layer-decay", "0")
     # defaults: ViT-B's recipe for a micro encoder, output next to the checkpoint
-    args = ep.build_parser().parse_args(["--ckpt", str(ckpt), "--data", "synthetic", "--mode", "finetune"])
-    for k, v in ep.MODE_DEFAULTS["finetune"].items():
-        setattr(args, k, v)
+    parse = lambda *flags: ep.fill_mode_defaults(ep.build_parser().parse_args(
+        ["--ckpt", str(ckpt), "--data", "synthetic", *flags]))
+    args = parse("--mode", "finetune")
+    assert parse("--mode", "finetune", "--batch-size", "64").batch_size == 64  # a given flag wins
+    assert (parse().batch_size, parse().pool, parse().epochs) == (512, "cls", 90)  # the linear probe's defaults
     assert ep.FINETUNE_RECIPES[768] == dict(epochs=100, blr=5e-4, layer_decay=0.65, drop_path=0.1)
     assert ep.FINETUNE_RECIPES[1024]["blr"] == ep.FINETUNE_RECIPES[1280]["blr"] == 1e-3
     assert (args.batch_size, args.warmup_epochs, args.weight_decay, args.pool) == (32, 5, 0.05, "mae-mean")

@@ -62,7 +62,12 @@ class Checker:
                                     stderr=subprocess.STDOUT, text=True)
         proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        out, _ = proc.communicate(timeout=timeout)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # kill it, report it, and go on to the summary
+            proc.kill()
+            out = proc.communicate()[0] + f"\n[killed after {timeout} s]\n"
+            self.fail(f"{line[:80]}: over {timeout} s")
         self.log.write(out)
         self.log.write(f"[exit {proc.returncode}]\n")
         self.log.flush()
@@ -121,7 +126,9 @@ class Checker:
                     proc.send_signal(signal.SIGTERM)
                     break
                 time.sleep(0.02)
-            proc.wait(timeout=600)
+            if proc.poll() is None and time.time() >= deadline:
+                proc.kill()
+            proc.wait()
             first = first_log.read_text()
             first_log.unlink()
             self.log.write(first + f"[exit {proc.returncode}]\n")
