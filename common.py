@@ -391,9 +391,11 @@ def pretrain_transform(size, scale=(0.2, 1.0)):
 
 
 def eval_transform(size):
-    """Evaluation: Resize the short side to size * 256/224 (bicubic) + CenterCrop(size) + normalisation."""
+    """Evaluation, as MAE's build_transform: Resize the short side to int(size / crop_pct) (bicubic) +
+    CenterCrop(size) + normalisation, crop_pct = 224/256 up to 224 px (224 -> 256) and 1 above (384 -> 384)."""
     from torchvision.transforms import v2
-    return v2.Compose([v2.ToImage(), v2.Resize(int(size * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC,
+    crop_pct = 224 / 256 if size <= 224 else 1.0
+    return v2.Compose([v2.ToImage(), v2.Resize(int(size / crop_pct), interpolation=v2.InterpolationMode.BICUBIC,
                                                antialias=True),
                        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -469,12 +471,32 @@ def read_image(path):
         raise OSError(f"unreadable image {path}: {why}") from None
 
 
+def is_folder(entry):
+    """A folder or a link to one; False for a link loop (whose is_dir raises)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def entry_kind(entry):
+    """'image' for a regular file (or a link to one) with an extension in IMG_EXTENSIONS, else what ImageFolder
+    reports as skipped: its extension, 'sub-folder', 'not a regular file' (FIFOs, devices, broken links) or
+    'unreadable entry' (a link loop, a file that vanished: an entry's own error never stops the scan)."""
+    try:
+        if not entry.name.lower().endswith(IMG_EXTENSIONS):
+            return "sub-folder" if is_folder(entry) else os.path.splitext(entry.name)[1].lower() or "no extension"
+        return "image" if entry.is_file() else "not a regular file"  # is_file follows links
+    except OSError:
+        return "unreadable entry"
+
+
 class ImageFolder:
     """root/<class>/<image> with clear errors for a missing path, no class folders, an unreadable or empty class
     folder. Read: the regular files (or links to them) directly in a class folder whose extension is in
     IMG_EXTENSIONS, as torchvision's ImageFolder (which also searches sub-folders). Everything else in a class folder
-    (other extensions such as .gif, FIFOs, devices, broken links, sub-folders) is skipped, counted in `skipped`
-    ({kind: count}) and reported in one line at start-up (on rank 0).
+    (other extensions such as .gif, FIFOs, devices, broken links and link loops, sub-folders) is skipped, counted in
+    `skipped` ({kind: count}, see entry_kind) and reported in one line at start-up (on rank 0).
     `load(i)` -> (PIL RGB image, label); an unreadable image raises OSError naming its path (see read_image).
     `class_range(i)` -> (start, end): the samples of i's class, among which SeededDataset finds a replacement."""
     def __init__(self, root):
@@ -482,7 +504,7 @@ class ImageFolder:
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"data directory not found: {root}")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        self.classes = sorted(d.name for d in os.scandir(root) if is_folder(d) and not d.name.startswith("."))
         if not self.classes:
             raise UserError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
         self.samples, self.ranges, skipped = [], [], Counter()
@@ -490,16 +512,15 @@ class ImageFolder:
         for label, name in enumerate(self.classes):
             files, others = [], sum(skipped.values())
             try:
-                for entry in os.scandir(root / name):
-                    if not entry.name.lower().endswith(IMG_EXTENSIONS):
-                        ext = os.path.splitext(entry.name)[1].lower() or "no extension"
-                        skipped["sub-folder" if entry.is_dir() else ext] += 1
-                    elif entry.is_file():  # follows links; False for FIFOs, devices, folders and broken links
-                        files.append(entry.path)
-                    else:
-                        skipped["not a regular file"] += 1
+                entries = list(os.scandir(root / name))
             except OSError as e:
                 raise UserError(f"cannot read class folder {root / name} ({e.strerror or e})") from None
+            for entry in entries:
+                kind = entry_kind(entry)
+                if kind == "image":
+                    files.append(entry.path)
+                else:
+                    skipped[kind] += 1
             if not files:
                 others = sum(skipped.values()) - others
                 raise UserError(f"class folder {root / name} contains no images"
@@ -800,6 +821,19 @@ def load_training_checkpoint(path, method):
     return ckpt
 
 
+def check_finite_weights(state, path):
+    """A checkpoint whose weights hold NaN or inf cannot be continued (a save refuses such weights, so the file was
+    written otherwise or damaged): FloatingPointError (exit 3) saying where to go on from, the copies that
+    --keep-every kept in the same folder."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        copies = sorted(p.name for p in Path(path).parent.glob("checkpoint-*.pth"))
+        older = (f"one of the copies kept there ({', '.join(copies)})" if copies else
+                 "an earlier checkpoint (--keep-every N keeps a copy every N epochs)")
+        raise FloatingPointError(f"{path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}) and cannot be "
+                                 f"continued: start a new run in another --output-dir with --resume {older}")
+
+
 def encoder_export(vit, method):
     """The method-independent part of every checkpoint: enough for eval_probe.py to rebuild the encoder."""
     return {"encoder": vit.state_dict(), "encoder_args": dict(vit.config), "method": method}
@@ -834,6 +868,7 @@ def check_output_dir(path, prepare=None):
 LOCK_FILE = ".lock"  # in the output folder while a run trains there
 LOCK_HEARTBEAT_S = 30  # the owner refreshes the lock file's modification time this often
 LOCK_STALE_S = 300  # another host's lock whose heartbeat is older than this is stale: its owner was killed
+LOCK_UNWRITTEN_S = 10  # an empty or unreadable lock older than this is stale: its owner writes it at once
 
 
 def process_start(pid):
@@ -868,38 +903,54 @@ def release_lock(path, stop, mine):
 
 class OutputLock:
     """One training run per output folder. output-dir/.lock names its owner (host, boot id, pid, process start time,
-    start date); a daemon thread refreshes its modification time, the heartbeat, every LOCK_HEARTBEAT_S seconds. An
-    existing lock is taken over when its owner is this process (a run that ended by an exception in-process) or a
-    process of this host that has ended (pid gone or reused, or the host rebooted since). Another host's lock is
-    taken over once its heartbeat is LOCK_STALE_S seconds old: the run waits for that (a requeue on another node
-    after a hard kill), and is refused if the owner is still alive after that long. A live owner of this host: refused
-    at once. Refusals are a one-line UserError naming the owner. Removed by `release` or when the process ends."""
+    start date), written as soon as the file is created; a daemon thread refreshes its modification time, the
+    heartbeat, every LOCK_HEARTBEAT_S seconds. An existing lock is taken over when its owner is this process (a run
+    that ended by an exception in-process) or a process of this host that has ended (pid gone or reused, or the host
+    rebooted since), or when it is still empty or unreadable LOCK_UNWRITTEN_S seconds after its last change (its
+    owner was killed between creating and writing it). Another host's lock is taken over once its heartbeat is
+    LOCK_STALE_S seconds old: the run waits for that (a requeue on another node after a hard kill), and is refused if
+    the owner is still alive after that long. A live owner of this host: refused at once. Refusals, a stale lock that
+    cannot be removed (a read-only folder) and a stop signal while waiting are one line. Removed by `release` or when
+    the process ends."""
     def __init__(self, folder):
         self.path = Path(folder) / LOCK_FILE
         boot = Path("/proc/sys/kernel/random/boot_id")
         self.me = {"host": socket.gethostname(), "boot": boot.read_text().strip() if boot.exists() else "",
                    "pid": os.getpid(), "start": process_start(os.getpid())[1],
                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        waited, poll = 0.0, min(5.0, LOCK_STALE_S / 10)
+        waited, said = 0.0, False
         while True:
             try:
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # atomic, also on NFS
-                break
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic, also on NFS
             except FileExistsError:
                 text, who, state = self.holder()
+            else:
+                with open(fd, "w") as f, contextlib.suppress(OSError):  # a full disk: written by start(), after the
+                    f.write(json.dumps(self.me))                         # clean-up has freed some space
+                break
             if state in ("ours", "ended"):
                 if state == "ended" and text is not None:
                     print(f"warning: taking over the lock of {who}: that run has ended", file=sys.stderr, flush=True)
-                with contextlib.suppress(OSError):
+                try:
                     if self.path.read_text() == text:  # not replaced by another run meanwhile
                         self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as e:  # without this error the loop would try again and again
+                    raise UserError(f"cannot remove the stale lock {self.path} of {who} ({e.strerror or e}): make "
+                                    f"{self.path.parent} writable, or use another --output-dir") from None
                 continue
             if state == "live" or waited >= LOCK_STALE_S:
                 raise UserError(f"{self.path.parent} is in use by another run: {who}; wait for it to end or use "
                                 f"another --output-dir")
-            if waited == 0:
+            if stop_signal() is not None:
+                raise Requeue(f"{signal.Signals(stop_signal()).name} while waiting for the lock of {who}; nothing "
+                              f"was trained: run the same command again")
+            if not said and state == "remote":
                 print(f"{self.path.parent} is locked by {who} on another host: waiting up to {LOCK_STALE_S} s for "
                       f"its heartbeat to stop", flush=True)
+                said = True
+            poll = min(5.0, LOCK_STALE_S / 10, LOCK_UNWRITTEN_S / 10)
             time.sleep(poll)
             waited += poll
         self.stop = threading.Event()
@@ -907,28 +958,32 @@ class OutputLock:
 
     def holder(self):
         """(text of the lock file, its owner in words, state): 'ours' (this process), 'ended' (stale), 'live' (a
-        process of this host), 'remote' (another host's, or not written yet, with a fresh heartbeat)."""
+        process of this host), 'remote' (another host's, with a fresh heartbeat), 'unwritten' (empty or unreadable,
+        changed less than LOCK_UNWRITTEN_S ago: its owner is writing it)."""
         try:
             text, age = self.path.read_text(), time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return None, "nobody", "ended"
         try:
             owner = json.loads(text)
-        except ValueError:  # empty: its owner is writing it, or could not (a full disk)
-            owner = {}
-        who = f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, started {owner.get('started', '?')}"
-        if owner.get("host") != self.me["host"] or not isinstance(owner.get("pid"), int):
+        except ValueError:
+            owner = None
+        if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+            who = f"an {'empty' if not text else 'unreadable'} lock file (a run killed while taking it)"
+            return text, who, "unwritten" if age < LOCK_UNWRITTEN_S else "ended"
+        who = f"host {owner.get('host', '?')}, pid {owner['pid']}, started {owner.get('started', '?')}"
+        if owner.get("host") != self.me["host"]:
             return text, who, "remote" if age < LOCK_STALE_S else "ended"
         if owner.get("boot") != self.me["boot"]:
             return text, who, "ended"  # the host rebooted since
-        if owner.get("pid") == self.me["pid"]:
+        if owner["pid"] == self.me["pid"]:
             return text, who, "ours"
-        alive, start = process_start(owner.get("pid"))
+        alive, start = process_start(owner["pid"])
         return text, who, "live" if alive and start == owner.get("start") else "ended"
 
     def start(self):
-        """Write the owner into the lock and start the heartbeat. After the folder's clean-up: on a disk that a killed
-        save filled, this write needs the space that the clean-up freed."""
+        """Write the owner into the lock (again: the first write fails on a full disk, and the folder's clean-up that
+        comes before this call frees the space) and start the heartbeat."""
         self.path.write_text(json.dumps(self.me))
         threading.Thread(target=lock_heartbeat, args=(self.path, self.stop), daemon=True).start()
 
@@ -993,7 +1048,7 @@ def load_vit(path, num_heads=None):
     vit = ViT(**config)
     load_state(vit, state, "the encoder", path)
     ours = "encoder_args" in ckpt and "method" in ckpt  # the training position: this project's checkpoints only
-    vit.checkpoint_position = {k: ckpt.get(k) if ours else None for k in ("step", "epoch")}
+    vit.checkpoint_position = {k: ckpt.get(k) if ours else None for k in ("step", "epoch", "method")}
     return vit
 
 
@@ -1493,8 +1548,9 @@ class TrainRun:
         not the path above it, so that a dataset copied elsewhere still matches)."""
         if self.images is None:
             base, digest = getattr(self.dataset, "base", self.dataset), hashlib.sha1()
-            for i in range(len(base)):
-                digest.update(("/".join(str(base.path(i)).replace(os.sep, "/").rsplit("/", 2)[-2:]) + "\n").encode())
+            for i in range(len(base)):  # as bytes (os.fsencode): on POSIX a name need not be valid UTF-8
+                name = "/".join(str(base.path(i)).replace(os.sep, "/").rsplit("/", 2)[-2:])
+                digest.update(os.fsencode(name) + b"\n")
             self.images = {"count": len(base), "sha1": digest.hexdigest()}
         return self.images
 
@@ -1513,7 +1569,9 @@ class TrainRun:
                 raise UserError(f"cannot read {path}, from which process 0 resumes: every process must see process "
                                 f"0's output folder (a shared file system)")
             loaded["ckpt"] = load_training_checkpoint(path, self.method)
-            return self.check_resume(loaded["ckpt"], path)
+            position = self.check_resume(loaded["ckpt"], path)
+            check_finite_weights(loaded["ckpt"]["model"], path)
+            return position
         positions = self.all_processes(load)
         for rank, position in enumerate(positions):
             if position != positions[0]:

@@ -125,10 +125,13 @@ def label_rank(scores, labels):
         rank(y) = #{c : s_c > s_y} + #{c < y : s_c = s_y}                                    -> [N] long
 
     Deviation from DINO (which sorts with torch's unstable sort): classes with equal scores, e.g. the classes no
-    neighbour voted for, get a fixed order, so a result does not depend on the device or the sort kernel."""
+    neighbour voted for, get a fixed order, so a result does not depend on the device or the sort kernel.
+    A row with a NaN score gets the largest rank a long holds: wrong at every k, also k above the number of
+    classes. (Every comparison with NaN is False, so the formula alone would give such a row rank 0, a hit.)"""
     s_y = scores.gather(1, labels[:, None])  # [N, 1]
     cls = torch.arange(scores.shape[1], device=scores.device)
-    return (scores > s_y).sum(1) + ((scores == s_y) & (cls < labels[:, None])).sum(1)
+    rank = (scores > s_y).sum(1) + ((scores == s_y) & (cls < labels[:, None])).sum(1)
+    return rank.masked_fill(scores.isnan().any(1), torch.iinfo(rank.dtype).max)
 
 
 def topk_correct(scores, labels, ks=(1, 5), max_rank=None):
@@ -151,6 +154,12 @@ def accuracy(scores, labels, max_rank=None):
 
 # -------------------------------------------------------------------------------------------------------- features
 POOLS = ("cls", "mean", "mae-mean", "prenorm-mean")
+# The default --pool of the linear probe and k-NN by the checkpoint's method, as each method's own evaluation reads
+# the encoder: Latent MIM's official NN evaluation averages the patch tokens before the final norm (its loss never
+# targets the cls token); a fine-tuned encoder was trained through MAE's fc_norm on that mean; MAE, and so SemMAE and
+# PCAE (whose code is MAE's), probe the cls token, which is also DINO's k-NN feature and the default for public
+# checkpoints.
+METHOD_POOLS = {"latent_mim": "prenorm-mean", "finetune": "mae-mean"}
 
 
 @torch.no_grad()
@@ -190,7 +199,12 @@ def extract_dataset(vit, dataset, args, dist, desc):
         report_bad(bad, dataset)
         feats.append(extract(vit, imgs.to(dist.device, non_blocking=True), args.pool))
         labels.append(y.to(dist.device, non_blocking=True))
-    return gather_rows(dist, torch.cat(feats), len(data)), gather_rows(dist, torch.cat(labels), len(data))
+    feats, labels = gather_rows(dist, torch.cat(feats), len(data)), gather_rows(dist, torch.cat(labels), len(data))
+    bad = int((~torch.isfinite(feats).all(1)).sum())  # one host read per split
+    if bad:  # NaN features would make every k-NN vote and logit NaN: stop (exit 3) instead of scoring them
+        raise FloatingPointError(f"the encoder of {args.ckpt} gives non-finite features for {bad} of {len(feats)} "
+                                 f"{desc.split()[0]} images: its weights hold NaN or inf; evaluate another checkpoint")
+    return feats, labels
 
 
 # ----------------------------------------------------------------------------------------------------- linear head
@@ -654,8 +668,13 @@ def load_encoder(args, dist):
         raise UserError(f"{args.ckpt}: the encoder was built for {cfg['img_size']} px images ({grid}x{grid} patches "
                         f"of {cfg['patch_size']} px) but --input-size is {args.input_size}; pass --input-size "
                         f"{cfg['img_size']}")
+    method, why = vit.checkpoint_position["method"], "given"
+    if args.pool is None:
+        args.pool = METHOD_POOLS.get(method, "cls")
+        why = (f"the read-out of {method} checkpoints" if method in METHOD_POOLS else
+               f"the default for {method or 'public'} checkpoints") + "; --pool overrides it"
     dist.print(f"encoder: ViT width {cfg['embed_dim']}, depth {cfg['depth']}, {cfg['num_heads']} heads, "
-               f"{cfg['img_size']} px, {grid}x{grid} patches of {cfg['patch_size']} px, pool {args.pool}")
+               f"{cfg['img_size']} px, {grid}x{grid} patches of {cfg['patch_size']} px; pool {args.pool} ({why})")
     return vit.requires_grad_(False).eval().to(dist.device)
 
 
@@ -688,8 +707,8 @@ def check_args(args):
         raise UserError("--cached is a linear-probe option (--mode linear)")
 
 
-MODE_DEFAULTS = {  # the flags whose default depends on --mode (None in the parser)
-    "linear": dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, weight_decay=0.0, pool="cls"),  # MAE linprobe
+MODE_DEFAULTS = {  # the flags whose default depends on --mode (None in the parser); linear / knn pools: METHOD_POOLS
+    "linear": dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, weight_decay=0.0),  # MAE linprobe
     "finetune": dict(warmup_epochs=5, batch_size=32, weight_decay=0.05, pool="mae-mean"),  # + FINETUNE_RECIPES
 }
 
@@ -774,7 +793,8 @@ def build_parser():
       help="linear probe of the frozen encoder, k-NN on its features, or end-to-end fine-tuning")
     a("--cached", action="store_true", help="linear: train on features extracted once without augmentation")
     a("--pool", default=None, choices=POOLS,
-      help="default cls; finetune: mae-mean (a trained fc_norm of the pre-norm patch mean) or cls. cls: cls token "
+      help="default: the checkpoint method's read-out (prenorm-mean for latent_mim, mae-mean for finetune, else "
+           "cls); finetune: mae-mean (a trained fc_norm of the pre-norm patch mean) or cls. cls: cls token "
            "after the final norm; mean: mean of the patch tokens each after the encoder's final norm "
            "(its trained affine); mae-mean: MAE's --global_pool, LayerNorm without affine (MAE's fc_norm at its "
            "default init) of the pre-norm patch mean; prenorm-mean: the pre-norm patch mean")

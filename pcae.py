@@ -44,8 +44,9 @@ def similarity_scores(x):
 
 
 def kept_count(n, keep_ratio):
-    """floor(N_i * k); the epsilon only guards against 0.29 * 100 = 28.999... in floating point."""
-    return math.floor(n * keep_ratio + 1e-9)
+    """floor(N_i * k), computed as the public code does (models_mae.py, forward_teacher: `int(n * keep_ratio)` on
+    Python floats), including its rounding: 100 * 0.29 = 28.999999999999996 keeps 28."""
+    return int(n * keep_ratio)
 
 
 def compress_tokens(x, ids, keep_ratio, random=False, noise=None):

@@ -81,7 +81,7 @@ README_DEMOS = [  # (name, recipe, the flags of the README's synthetic demo comm
     ("latent_mim", "in100-b1", "--epochs 300 --warmup-epochs 30 --batch-size 128 --accum 4 --loss mse --mask-ratio "
                                "0.75 --gap 0 --sim-weight 0 --decoder self --proj none"),
     ("latent_mim", "in100-b2", "--epochs 300 --warmup-epochs 30 --batch-size 128 --accum 4 --loss patchdisc "
-                               "--decoder self --proj none"),
+                               "--decoder self --proj none --sim-weight 0"),
     ("pcae", "demo", "--model micro --input-size 32 --synthetic-size 512 --batch-size 32 --lr 1e-3 --epochs 5 "
                      "--warmup-epochs 1 --num-workers 0 --decoder-dim 64 --decoder-depth 2 --decoder-heads 4"),
     ("semmae", "demo-teacher", "--input-size 64 --synthetic-size 2048 --num-workers 1 --masking random --model micro "

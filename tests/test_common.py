@@ -258,6 +258,20 @@ def test_seeded_augmentation_is_a_function_of_the_seed():
     assert torch.equal(state, torch.get_rng_state())  # the main process's generator is untouched
 
 
+@pytest.mark.parametrize("size, resize", [(32, 36), (224, 256), (384, 384)])
+def test_eval_transform_resizes_as_mae_by_the_input_size(size, resize):
+    """MAE's build_transform: crop_pct 224/256 up to 224 px, 1 above: Resize(int(size / crop_pct)) + CenterCrop."""
+    from PIL import Image
+    from torchvision.transforms import v2
+    img = Image.fromarray(torch.randint(0, 256, (300, 500, 3), dtype=torch.uint8, generator=torch.Generator()
+                                        .manual_seed(0)).numpy())
+    by_hand = v2.functional.center_crop(v2.functional.resize(v2.functional.to_image(img), resize, antialias=True,
+                                                             interpolation=v2.InterpolationMode.BICUBIC), size)
+    expected = v2.functional.normalize(v2.functional.to_dtype(by_hand, torch.float32, scale=True),
+                                       common.IMAGENET_MEAN, common.IMAGENET_STD)
+    assert torch.equal(common.eval_transform(size)(img), expected)
+
+
 def test_resumable_sampler_partitions_global_batches():
     n, b, world, accum = 50, 3, 2, 2
     samplers = [ResumableSampler(n, b, world, r, accum, seed=4) for r in range(world)]
@@ -426,70 +440,21 @@ def test_flop_count_of_vit_base_forward():
 
 
 # ------------------------------------------------------------------------------------------------------- training run
-class ToyMasked(torch.nn.Module):
-    """A minimal masked-prediction model that uses every TrainRun feature (masks and drop path from StepRandom)."""
-    def __init__(self):
-        super().__init__()
-        self.vit = build_vit("micro", img_size=32, drop_path_rate=0.2)
-        self.head = torch.nn.Linear(64, 8 * 8 * 3)
-
-    def forward(self, imgs, rng):
-        vis, msk = random_masking(rng.rand(16), 4)
-        x = self.vit.norm(self.vit.forward_blocks(self.vit.embed(imgs, vis), rng))
-        target = common.gather_tokens(patchify(imgs, 8), msk)  # [B, 12, 192]
-        loss = ((self.head(x[:, :1]) - target) ** 2).mean()
-        return loss, {"cls_norm": x[:, 0].norm(dim=-1).mean()}
-
-
-def toy_train(out, *flags):
-    """The training loop every method file writes out, on ToyMasked."""
-    import argparse
-    args = common.add_common_args(argparse.ArgumentParser()).parse_args(
-        ["--data", "synthetic", "--input-size", "32", "--synthetic-size", "48", "--epochs", "2",
-         "--warmup-epochs", "1", "--num-workers", "0", "--output-dir", str(out), *flags])
-    common.check_common_args(args)
-    ds = SeededDataset(common.build_dataset(args.data, "train", size=32, length=48),
-                       common.image_transform(common.pretrain_transform(32)))
-    run = common.TrainRun(args, "toy", ds)
-    torch.manual_seed(0)
-    model = ToyMasked()
-    opt = torch.optim.AdamW(common.param_groups(model, 0.05, lambda n, p: p.ndim < 2), betas=(0.9, 0.95))
-    run.resume(model, opt)
-    ddp_model = run.wrap(model)
-    for _ in range(run.epoch, args.epochs):
-        batches = run.epoch_batches()
-        for step in run.steps():
-            common.set_lr(opt, run.lr(step))
-            step_loss = 0.0
-            for micro in range(args.accum):
-                imgs, _ = run.next_batch(batches)
-                with run.no_sync(ddp_model, micro):
-                    loss, metrics = ddp_model(imgs, run.step_random(step, micro))
-                (loss / args.accum).backward()
-                step_loss += loss.detach() / args.accum
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            run.step_done(step, step_loss, metrics)
-        if run.stopped_in_epoch():
-            run.save(model, opt, model.vit)
-            break
-        run.end_epoch()
-        run.save(model, opt, model.vit)
-    run.finish()
-    return common.load_checkpoint(out / "checkpoint.pth")
-
-
-def test_train_run_accumulation_and_resume_equal_one_big_batch(tmp_path):
-    big = toy_train(tmp_path / "big", "--batch-size", "8", "--keep-every", "1")
+def test_accumulation_equals_one_big_batch_and_its_resume_is_exact(tmp_path):
+    """A real method's loop (PCAE: masks, stochastic depth and the EMA teacher all drawn per step): batch 4 x accum 2
+    reads the same samples and draws as batch 8, so the two agree up to float summation order (the derived tolerance
+    of assert_equivalent_runs); a stop and resume on the same layout is bit-identical to the uninterrupted run."""
+    from conftest import assert_equivalent_runs, assert_same_state, run_inprocess
+    big = run_inprocess("pcae", tmp_path / "big", "", "--batch-size", "8", "--keep-every", "1")
     assert big["epoch"] == 2 and big["step"] == 2 * (48 // 8) and big["samples"] == 0
     kept = [common.load_checkpoint(tmp_path / "big" / f"checkpoint-{e:04d}.pth") for e in (1, 2)]
     assert [(k["epoch"], k["step"]) for k in kept] == [(1, 6), (2, 12)]  # a copy at the end of every epoch
-    stopped = toy_train(tmp_path / "acc", "--batch-size", "4", "--accum", "2", "--max-steps", "5")
+    straight = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "4", "--accum", "2")
+    stopped = run_inprocess("pcae", tmp_path / "acc", "", "--batch-size", "4", "--accum", "2", "--max-steps", "5")
     assert (stopped["epoch"], stopped["step"], stopped["samples"]) == (0, 5, 40)  # saved mid-epoch at the stop
-    resumed = toy_train(tmp_path / "acc", "--batch-size", "4", "--accum", "2")
-    assert resumed["step"] == big["step"]
-    for k, v in big["model"].items():
-        assert torch.allclose(resumed["model"][k], v, atol=1e-6), k
-    assert not torch.equal(stopped["model"]["head.weight"], big["model"]["head.weight"])  # it did train further
+    resumed = run_inprocess("pcae", tmp_path / "acc", "", "--batch-size", "4", "--accum", "2")
+    assert_same_state(straight, resumed)
+    assert_equivalent_runs(big, resumed)
+    assert not torch.equal(stopped["model"]["student.norm.weight"], big["model"]["student.norm.weight"])  # it trained on
     lines = (tmp_path / "big" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"bad_images": 0' in lines[0]

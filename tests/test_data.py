@@ -303,3 +303,51 @@ def test_training_run_over_bad_files_reports_and_counts_them(tmp_path, capsys, d
     assert err.count(f"skipped unreadable image {root / 'train' / 'a' / 'bomb.png'}") == 1
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [row["bad_images"] for row in log] == [1, 1]
+
+
+def test_a_link_loop_is_skipped_like_a_broken_link(tmp_path, capsys):
+    make_class(tmp_path / "a", 2)
+    os.symlink(tmp_path / "a" / "loop.jpg", tmp_path / "a" / "loop.jpg")  # a link to itself: ELOOP when followed
+    os.symlink(tmp_path / "loop", tmp_path / "loop")  # and one where a class folder would be
+    folder = ImageFolder(tmp_path)
+    assert (folder.classes, len(folder), folder.skipped) == (["a"], 2, {"unreadable entry": 1})
+    assert "skipped 1 entries of the class folders (unreadable entry: 1)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ names that are not UTF-8
+@pytest.mark.parametrize("name", ["latent_mim", "pcae", "semmae-parts", "semmae", "finetune"])
+def test_a_file_name_that_is_not_utf8_trains_saves_and_resumes(name, tmp_path, capsys):
+    """POSIX names are bytes: a Latin-1 name (b'caf\\xe9.jpg') reaches Python as a str with a surrogate escape, which
+    .encode() refuses. Every training mode reads such a file, writes its checkpoints (whose image-name hash takes the
+    name's bytes) and resumes from them."""
+    from conftest import argv, write_parts_file
+    import eval_probe
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        make_class(root / split / "a", 6)
+        make_class(root / split / "b", 6, color=(10, 250, 0))
+    latin1 = os.fsencode(root / "train" / "a") + b"/caf\xe9.jpg"
+    os.rename(os.fsencode(root / "train" / "a" / "0.jpg"), latin1)
+    out = tmp_path / "out"
+    if name == "finetune":
+        ckpt = tmp_path / "encoder.pth"
+        common.save_checkpoint(ckpt, common.encoder_export(common.build_vit("micro", img_size=SIZE), "pcae"))
+        flags = ["--ckpt", str(ckpt), "--data", str(root), "--mode", "finetune", "--epochs", "2", "--warmup-epochs",
+                 "1", "--batch-size", "4", "--num-workers", "0", "--output-dir", str(out)]
+        run = lambda *extra: eval_probe.main(eval_probe.build_parser().parse_args([*flags, *extra]))
+    else:
+        parts = ""
+        if name == "semmae":  # a parts file of this folder: 12 images, 4 x 4 patches
+            folder = ImageFolder(root / "train")
+            parts = write_parts_file(tmp_path / "parts.pt")
+            ckpt = common.load_checkpoint(parts)
+            common.save_checkpoint(parts, {**ckpt, "part_ids": ckpt["part_ids"][:12],
+                                           "paths": [folder.path(i) for i in range(12)]})
+        module = importlib.import_module("semmae" if name.startswith("semmae") else name)
+        run = lambda *extra: module.main(module.build_parser().parse_args(argv(name, out, parts, *extra,
+                                                                               data=str(root))))
+    run("--max-steps", "2")
+    assert common.load_checkpoint(out / "checkpoint.pth")["step"] == 2
+    run()  # resumes from it: the image names hash the same
+    done = common.load_checkpoint(out / "checkpoint.pth")
+    assert done["epoch"] == 2 and done["images"]["count"] == 12

@@ -207,9 +207,11 @@ def reference_images(split):
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
 
 
-def reference_features(vit, split):
+def reference_features(vit, split, pool="cls"):
     imgs, labels = reference_images(split)
     with torch.no_grad():
+        if pool == "prenorm-mean":  # mean of the patch tokens before the final norm
+            return vit.forward_blocks(vit.embed(imgs))[:, 1:].mean(1), labels
         return vit(imgs)[:, 0], labels  # cls token after the final norm
 
 
@@ -224,7 +226,9 @@ def test_checkpoint_loads_and_evaluates(kind, tmp_path):
         assert torch.allclose(ep.extract(vit, imgs, "cls"), ref(imgs)[:, 0], atol=1e-5)
     out = tmp_path / "results" / "probe.jsonl"
     row = probe(path, "--mode", "knn", "--nb-knn", "3", *extra, output=out)
-    (tf, ty), (vf, vy) = reference_features(ref, "train"), reference_features(ref, "val")
+    # the default read-out follows the checkpoint's method: Latent MIM's evaluation uses the pre-norm patch mean
+    assert row["pool"] == ("prenorm-mean" if kind == "latent_mim" else "cls")
+    (tf, ty), (vf, vy) = reference_features(ref, "train", row["pool"]), reference_features(ref, "val", row["pool"])
     for k in (1, 3):
         expected = ep.accuracy(ep.knn_votes(tf, ty, vf, [k], num_classes=10)[k], vy, max_rank=k)
         assert (row["knn"][str(k)]["top1"], row["knn"][str(k)]["top5"]) == pytest.approx(expected)
@@ -371,3 +375,29 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
         common.run_main(ep.main, ep.build_parser())
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no ViT encoder" in err
+
+
+# ------------------------------------------------------------------------------------------- non-finite features
+def test_a_nan_score_is_never_a_correct_prediction():
+    scores = torch.tensor([[0.1, float("nan"), 0.3], [float("nan")] * 3, [0.9, 0.2, 0.1]])
+    labels = torch.tensor([2, 0, 0])
+    never = torch.iinfo(torch.long).max
+    assert ep.label_rank(scores, labels).tolist() == [never, never, 0]  # outside every top-k
+    assert ep.accuracy(scores, labels) == pytest.approx((100 / 3, 100 / 3))  # top-5 of 3 classes: only row 2
+
+
+@pytest.mark.parametrize("mode", [["--mode", "knn"], ["--cached", "--epochs", "1", "--warmup-epochs", "0"]])
+def test_an_encoder_with_a_nan_weight_stops_the_evaluation_with_exit_3(mode, tmp_path, monkeypatch, capsys):
+    path, _, _ = make_project(tmp_path)
+    ckpt = common.load_checkpoint(path)
+    ckpt["encoder"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    common.save_checkpoint(path, ckpt)
+    monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(path), "--data", "synthetic", "--synthetic-size",
+                                      str(N_TRAIN), "--batch-size", "8", "--num-workers", "0", *mode])
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(ep.main, ep.build_parser())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 3 and err == [
+        f"error: the encoder of {path} gives non-finite features for 12 of 12 val images: its weights hold NaN or "
+        f"inf; evaluate another checkpoint"]
+    assert (path.parent / "probe.jsonl").read_text() == ""  # no 100 % written

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import common
 import eval_probe as ep
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, assert_equivalent_runs, subprocess_env
 
 SIZE, N_TRAIN = 32, 48  # micro ViT at 32 px: 4 x 4 patches; --data synthetic with 48 train / 12 val images
 
@@ -254,8 +254,7 @@ def test_two_processes_equal_one_process_with_two_accumulation_steps(tmp_path):
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (common.load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("one", "ddp"))
-    for k, v in a["model"].items():
-        assert torch.allclose(v, b["model"][k], atol=1e-6), k
+    assert_equivalent_runs(a, b)
     ddp = json.loads((tmp_path / "ddp" / "probe.jsonl").read_text())
     assert (ddp["top1"], ddp["top5"], ddp["eff_batch"]) == (one["top1"], one["top5"], 8)
 
@@ -271,7 +270,7 @@ def test_finetune_flag_errors(tmp_path):
         ["--ckpt", str(ckpt), "--data", "synthetic", *flags]))
     args = parse("--mode", "finetune")
     assert parse("--mode", "finetune", "--batch-size", "64").batch_size == 64  # a given flag wins
-    assert (parse().batch_size, parse().pool, parse().epochs) == (512, "cls", 90)  # the linear probe's defaults
+    assert (parse().batch_size, parse().pool, parse().epochs) == (512, None, 90)  # linear; pool: by the method
     assert ep.FINETUNE_RECIPES[768] == dict(epochs=100, blr=5e-4, layer_decay=0.65, drop_path=0.1)
     assert ep.FINETUNE_RECIPES[1024]["blr"] == ep.FINETUNE_RECIPES[1280]["blr"] == 1e-3
     assert (args.batch_size, args.warmup_epochs, args.weight_decay, args.pool) == (32, 5, 0.05, "mae-mean")

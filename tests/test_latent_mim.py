@@ -380,3 +380,22 @@ def test_full_default_vit_b16_step_on_cpu():
     model.update_teacher(0.99)
     online = model.encoder.blocks[0].attn.qkv.weight
     assert torch.allclose(w, 0.99 * before + 0.01 * online, atol=1e-7) and not torch.equal(w, before)
+
+
+def test_every_ablation_row_of_the_docs_runs_r_only_where_the_row_says_so(root):
+    """docs/latent_mim.md's ablation table, parsed: each row's flags on its recipe (B1 = --recipe in100-b1, B2 =
+    --recipe in100-b2, else --recipe in100) give the official setting (configs/lmim.yaml: avg_sim_coeff 0), with the
+    similarity regulariser R on only in the row whose sim column says yes."""
+    text = (root / "docs" / "latent_mim.md").read_text()
+    assert "latent_mim.py --data /imagenet100 --recipe in100 " in text  # the command the rows are run with
+    rows = [line.split("|")[1:4] for line in text.splitlines() if line.startswith("| ")
+            and line.split("|")[1].strip() in ("collapse", "loss", "mask / gap / sim", "decoder")]
+    assert len(rows) == 17  # 4 collapse, 4 loss, 4 mask / gap / sim and 5 decoder rows
+    for table, row, flags in rows:
+        flags = flags.strip().strip("`") if "`" in flags else ""
+        base = {"B1": "in100-b1", "B2": "in100-b2"}.get(flags.split(" ")[0], "in100")
+        flags = flags.removeprefix("B1").removeprefix("B2").split("`")[0].split()
+        args = lm.build_parser().parse_args(["--data", "synthetic", "--recipe", base, *flags])
+        assert (args.epochs, args.warmup_epochs, args.batch_size * 8 * args.accum) == (300, 30, 4096), row
+        expected = 0.05 if table.strip() == "mask / gap / sim" and row.strip().endswith("yes") else 0.0
+        assert args.sim_weight == expected, (table, row)
