@@ -18,12 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common import (ArgumentParser, Attention, MAEDecoder, Mlp, SeededDataset, StepRandom, TrainRun, UserError,
-                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
-                    check_common_args, cosine_schedule, denormalize, ema_momentum, ema_update, gather_tokens,
-                    image_transform, init_weights_mae, mix_seed, patchify, pick_device, preset_patch_size,
-                    pretrain_transform, random_masking, run_main, sample_across_classes, save_figure, set_lr,
+from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
+from common import (Attention, MAEDecoder, Mlp, SeededDataset, StepRandom, build_adamw, build_dataset, build_vit,
+                    cosine_schedule, ema_momentum, ema_update, gather_tokens, image_transform,
+                    init_weights_mae, mix_seed, patchify, pretrain_transform, random_masking, set_lr,
                     standardize_tokens)
+from figures import denormalize, sample_across_classes, save_figure
+from train_utils import TrainRun, autocast, pick_device, run_main
 
 METHOD = "latent_mim"
 TARGETS = ("momentum", "shared-stopgrad", "independent", "joint")
@@ -210,11 +211,19 @@ class LatentMIM(nn.Module):
         super().__init__()
         if target not in TARGETS or decoder not in DECODERS or loss not in LOSSES:
             raise ValueError(f"unknown target, decoder or loss: {target!r}, {decoder!r}, {loss!r}")
+        if gap < 0 or not sim_weight >= 0:
+            raise ValueError(f"--gap and --sim-weight must be non-negative, got {gap}, {sim_weight}")
+        if not tau > 0 or not huber_delta > 0 or proj_dim < 1:
+            raise ValueError(f"--tau, --huber-delta and --proj-dim must be positive, got {tau}, {huber_delta}, "
+                             f"{proj_dim}")
         self.encoder = build_vit(model, patch_size=patch_size, img_size=input_size)
         D, self.patch, self.grid = self.encoder.embed_dim, self.encoder.patch_size, self.encoder.grid_size
         self.gap, self.crop = gap, self.grid * (self.patch + gap)
         self.num_patches = self.grid ** 2
         self.num_visible = num_visible(self.num_patches, mask_ratio)  # V; the other T = L - V patches are targets
+        if not 0 < mask_ratio < 1 or not 1 <= self.num_visible < self.num_patches:
+            raise ValueError(f"--mask-ratio {mask_ratio} leaves {self.num_visible} of {self.num_patches} patches "
+                             f"visible; it must be in (0, 1) and leave at least one visible patch and one target")
         make_proj = lambda: build_projector(D, proj_dim) if proj == "mlp" else nn.Identity()
         self.proj = make_proj()
         self.target = target
@@ -333,13 +342,12 @@ def build_parser():
     a("--gamma-start", type=float, default=0.75, help="R's target similarity at the start (cosine schedule)")
     a("--gamma-end", type=float, default=0.25, help="... and at the end of training")
     a("--decoder", choices=DECODERS, default="cross-cues", help="decoder table: self / cross / cross + visual cues")
-    a("--decoder-depth", type=int, default=3, help="decoder blocks")
-    a("--decoder-dim", type=int, default=512, help="decoder width")
-    a("--decoder-heads", type=int, default=16, help="decoder attention heads")
+    add_decoder_args(parser, depth=3)
     a("--proj", choices=("none", "mlp"), default="mlp", help="projector after both encoders")
     a("--proj-dim", type=int, default=4096, help="projector hidden width")
     a("--min-lr-frac", type=float, default=0.25, help="lr warms up from and decays to this fraction of the peak")
     a("--vis", default="", help="write a PNG of jittered grids and visible / target patches to this path and exit")
+    parser.free_on_resume("vis")
     add_bench_args(parser)
     # the official ImageNet recipe: 256 per GPU x 8 GPUs x accum 2 = 4096; lr = 1.5e-4 * 4096 / 256 = 2.4e-3
     parser.set_defaults(model="base", input_size=224, epochs=800, warmup_epochs=40, batch_size=256, accum=2,
@@ -347,33 +355,14 @@ def build_parser():
     return parser
 
 
-def check_args(args):
-    """The flags the model cannot check itself (the encoder's sizes are checked by build_vit)."""
-    check_common_args(args)
-    patch = preset_patch_size(args.model, args.patch_size)
-    if args.gap < 0:
-        raise UserError("--gap must be non-negative")
-    grid = args.input_size // patch  # build_vit checks that the patch size divides --input-size
-    crop, L = grid * (patch + args.gap), grid ** 2
-    if args.crop_size is not None and args.crop_size != crop:
-        raise UserError(f"--crop-size {args.crop_size} is inconsistent: the grid of {grid} cells of "
-                        f"{patch}+{args.gap} px needs {crop} px")
-    args.crop_size = crop
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    if not 1 <= num_visible(L, args.mask_ratio) < L:
-        raise UserError(f"--mask-ratio {args.mask_ratio} leaves {num_visible(L, args.mask_ratio)} of {L} patches "
-                        f"visible; need at least one visible and one target")
-    if args.tau <= 0 or args.huber_delta <= 0:
-        raise UserError("--tau and --huber-delta must be positive")
-    if not 0.0 <= args.momentum <= 1.0:
-        raise UserError("--momentum must be in [0, 1]")
-    if args.sim_weight < 0 or args.min_lr_frac < 0:
-        raise UserError("--sim-weight and --min-lr-frac must be non-negative")
-    if min(args.decoder_depth, args.decoder_heads, args.proj_dim, args.bench_steps) < 1:
-        raise UserError("--decoder-depth, --decoder-heads, --proj-dim and --bench-steps must be at least 1")
-    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
-        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
+def check_args(args, model):
+    """What the model cannot check itself: --crop-size against its grid, and the flags of the loop."""
+    if args.crop_size is not None and args.crop_size != model.crop:
+        raise UserError(f"--crop-size {args.crop_size} is inconsistent: the grid of {model.grid} cells of "
+                        f"{model.patch}+{args.gap} px needs {model.crop} px")
+    args.crop_size = model.crop
+    if not 0.0 <= args.momentum <= 1.0 or not args.min_lr_frac >= 0:
+        raise UserError("--momentum must be in [0, 1] and --min-lr-frac non-negative")
 
 
 def train_dataset(args):
@@ -382,18 +371,17 @@ def train_dataset(args):
 
 
 # ------------------------------------------------------------------------------------------------ figure and bench
-def write_vis(args, n=4):
+def write_vis(args, model, n=4):
     """Per image: the training crop; the jittered grid (pixels the encoders never see dimmed); visible patches at
     full brightness and target patches tinted red. The images come from different classes (sample_across_classes)."""
     dataset = train_dataset(args)
     picks = sample_across_classes(dataset.base, n, args.seed)
     n = len(picks)
     imgs = denormalize(torch.stack([dataset[(i, mix_seed(args.seed, i))][0] for i in picks]))  # [n, 3, crop, crop]
-    vit = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)  # its grid, and its checks
-    patch, grid, cell = vit.patch_size, vit.grid_size, vit.patch_size + args.gap
+    patch, grid, cell = model.patch, model.grid, model.patch + args.gap
     rng = StepRandom(args.seed, 0, torch.device("cpu"), slice(0, n), n)  # the same draws as the model's `mask`
     offsets = rng.randint(args.gap, grid * grid, 2) if args.gap else torch.zeros(n, grid * grid, 2, dtype=torch.long)
-    V = num_visible(grid * grid, args.mask_ratio)
+    V = model.num_visible
     vis_ids, _ = random_masking(rng.rand(grid * grid), V)
     jitter, roles = 0.2 * imgs, torch.zeros_like(imgs)
     red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
@@ -419,6 +407,7 @@ def bench(args, model):
     labels = {"masking": (model, "mask"), "encoder": (model, "encode"), "teacher": (model, "targets"),
               "decoder": (model.decoder, "forward"), "loss": (model, "loss")}  # --profile, wrapped from outside
     case = (model, [imgs], build_adamw(model, args.weight_decay, 1e-4, no_weight_decay), ema, labels)
+    from tools.bench import benchmark
     return benchmark({METHOD: case}, device, args.bench_steps, args.compile, args.profile, args.seed)[METHOD]
 
 
@@ -431,33 +420,31 @@ def no_weight_decay(name, param):
 
 
 def main(args):
-    check_args(args)
-    if args.vis:
-        return write_vis(args)
-    if args.bench:
-        torch.manual_seed(args.seed)
-        return bench(args, build_model(args))
+    check_common_args(args)
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = build_model(args)  # before TrainRun: a bad size is reported before the output folder is made
+    model = build_model(args)  # checks its flags, before TrainRun makes the output folder
+    check_args(args, model)
+    if args.vis:
+        return write_vis(args, model)
+    if args.bench:
+        return bench(args, model)
     run = TrainRun(args, METHOD, train_dataset(args))
     model.to(run.device)
     optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
     # Exported encoder = the online encoder: it is the network the loss trains (the target is only its EMA, or
     # absent), and the official k-NN evaluation reads `model.encoder` too. Its config (224 px, gap 0) is what
-    # eval_probe's load_vit rebuilds; the projector is dropped, as in the official evaluation.
-    encoder = model.encoder
-    run.resume(model, optimizer)
+    # the evaluations' load_vit rebuilds; the projector is dropped, as in the official evaluation.
+    run.resume(model, optimizer, model.encoder)
     ddp_model = run.wrap(model)
     run.measure_flops(model, torch.zeros(2, 3, args.crop_size, args.crop_size, device=run.device))  # for MFU
     for epoch in range(run.epoch, args.epochs):
-        batches = run.epoch_batches()
         for step in run.steps():
             set_lr(optimizer, run.lr(step, start_frac=args.min_lr_frac, end_frac=args.min_lr_frac))
             gamma = cosine_schedule(step / run.total_steps, 1.0, args.gamma_start, args.gamma_end)  # R: 0.75 -> 0.25
             model.sim_gamma.fill_(gamma)
             step_loss = 0.0
             for micro in range(args.accum):
-                imgs, _ = run.next_batch(batches)
+                imgs, _ = run.next_batch()
                 with run.no_sync(ddp_model, micro), autocast(run.device):
                     loss, metrics = ddp_model(imgs, run.step_random(step, micro))
                 (loss / args.accum).backward()
@@ -469,16 +456,8 @@ def main(args):
                 extra["momentum"] = m = ema_momentum(step, run.total_steps, args.momentum)
                 model.update_teacher(m)
             run.step_done(step, step_loss, {**metrics, **extra})
-            if run.preempted():  # SIGTERM / SIGUSR1 to any process: keep this step, exit 75 for a requeue
-                run.save(model, optimizer, encoder)
-                run.exit_for_requeue()
-            if args.save_every and run.step % args.save_every == 0:
-                run.save(model, optimizer, encoder)
-        if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop
-            run.save(model, optimizer, encoder)
+        if run.end_epoch():  # saves; True once --max-steps is reached
             break
-        run.end_epoch()
-        run.save(model, optimizer, encoder)
     run.finish()
 
 

@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (VIT_PRESETS, ArgumentParser, MAEDecoder, SeededDataset, StepRandom, TrainRun, UserError,
-                    add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset, build_vit,
-                    check_common_args, denormalize, ema_momentum, ema_update, eval_transform, gather_tokens,
-                    image_transform, load_state, load_training_checkpoint, patchify, pick_device, preset_patch_size,
-                    pretrain_transform, random_masking, run_main, sample_across_classes, save_figure, set_lr,
-                    standardize_tokens, unpatchify)
+from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
+from common import (MAEDecoder, SeededDataset, StepRandom, build_adamw, build_dataset, build_vit, ema_momentum,
+                    ema_update, eval_transform, gather_tokens, image_transform, patchify, pretrain_transform,
+                    random_masking, set_lr, standardize_tokens, unpatchify)
+from figures import denormalize, sample_across_classes, save_figure
+from train_utils import TrainRun, autocast, load_state, load_training_checkpoint, pick_device, run_main
 
 
 # ----------------------------------------------------------------------------------------- the paper's equations
@@ -80,7 +80,7 @@ def parse_drop_after(text, depth):
     try:
         return [int(v) for v in text.split(",") if v not in ("", "none")]
     except ValueError:
-        raise UserError(f"--drop-after must be comma-separated block indices, got {text!r}") from None
+        raise ValueError(f"--drop-after must be comma-separated block indices, got {text!r}") from None
 
 
 def token_counts(num_masked, drop_after, keep_ratio):
@@ -102,6 +102,19 @@ class PCAE(nn.Module):
         self.drop_after = sorted(set(drop_after))
         self.num_patches = student.num_patches
         self.num_visible = int(self.num_patches * (1 - mask_ratio))  # MAE's count: 49 of 196 at 0.75
+        depth = len(student.blocks)
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
+        if not 0 < keep_ratio <= 1 or not 0 <= decoder_drop_path < 1:
+            raise ValueError(f"--keep-ratio must be in (0, 1] and --drop-path in [0, 1), got {keep_ratio}, "
+                             f"{decoder_drop_path}")
+        if len(self.drop_after) != len(drop_after) or any(not 0 <= i < depth for i in drop_after):
+            raise ValueError(f"--drop-after needs distinct block indices in [0, {depth - 1}], got {list(drop_after)}")
+        counts = token_counts(self.num_patches - self.num_visible, self.drop_after, keep_ratio)
+        if self.num_visible < 1 or counts[-1] < 1:
+            raise ValueError(f"no tokens left: {self.num_visible} visible, teacher tokens "
+                             f"{' -> '.join(map(str, counts))}; raise --input-size / --keep-ratio or use fewer "
+                             f"--drop-after stages")
         # Teacher = an exact copy of the student at init in every mode (the public code forgot it on one process).
         self.teacher = copy.deepcopy(student)
         for p in self.teacher.parameters():
@@ -195,9 +208,7 @@ def build_parser():
                                             "0,4,8, 'none', or 'auto' = [depth // 3 * i for i < 3] (0,4,8 for ViT-B: "
                                             "the public code's default drop_case 0)")
     a("--random-drop", action="store_true", help="RD ablation: drop a uniform random subset instead of ranking")
-    a("--decoder-dim", type=int, default=512, help="decoder width")
-    a("--decoder-depth", type=int, default=8, help="decoder blocks")
-    a("--decoder-heads", type=int, default=16, help="decoder attention heads")
+    add_decoder_args(parser, depth=8)
     a("--drop-path", type=float, default=0.25, help="student stochastic depth (linear in encoder, constant in decoder)")
     a("--momentum", type=float, default=0.9999, help="teacher momentum at step 0, rising to 1 on a cosine")
     a("--vis", default="", metavar="PATH", help="write a PNG of the masks and the teacher's kept patches, then exit")
@@ -205,37 +216,17 @@ def build_parser():
     add_bench_args(parser)
     a("--bench-baseline", action="store_true",
       help="implies --bench: also time a MAE-style step (same encoder and decoder, all masked patches decoded)")
+    parser.free_on_resume("vis", "vis_images", "bench_baseline")
     # Public code (caddyless/PCAE main_pretrain.py): ViT-B/16, 400 epochs, 40 warmup, batch 64 per GPU, blr 1.5e-4.
     parser.set_defaults(model="base", epochs=400, warmup_epochs=40, blr=1.5e-4, weight_decay=0.05, batch_size=64)
     return parser
 
 
 def check_args(args):
-    """The flag errors that would otherwise surface late (or as a crash): build_vit checks the rest."""
+    """The flags the model cannot check itself (it checks the ratios, drop stages and token counts)."""
     check_common_args(args)
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise UserError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-    if not 0.0 < args.keep_ratio <= 1.0:
-        raise UserError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
-    patch, depth = preset_patch_size(args.model, args.patch_size), VIT_PRESETS[args.model][1]
-    drops = parse_drop_after(args.drop_after, depth)
-    if len(drops) > depth or len(set(drops)) != len(drops) or any(not 0 <= i < depth for i in drops):
-        raise UserError(f"--drop-after needs distinct block indices in [0, {depth - 1}] (at most {depth} of them), "
-                        f"got {args.drop_after!r}")
-    if args.input_size % patch:  # before the token counts, which need a whole grid
-        raise UserError(f"--input-size {args.input_size} is not divisible by the patch size {patch}")
-    num_patches = (args.input_size // patch) ** 2
-    visible = int(num_patches * (1 - args.mask_ratio))
-    counts = token_counts(num_patches - visible, drops, args.keep_ratio)
-    if visible < 1 or counts[-1] < 1:
-        raise UserError(f"no tokens left: {visible} visible, teacher tokens {' -> '.join(map(str, counts))}; "
-                        f"raise --input-size / --keep-ratio or use fewer --drop-after stages")
-    if min(args.decoder_depth, args.decoder_heads, args.vis_images, args.bench_steps) < 1:
-        raise UserError("--decoder-depth, --decoder-heads, --vis-images and --bench-steps must be at least 1")
-    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:  # after the check that heads >= 1
-        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
-    if not 0.0 <= args.drop_path < 1.0 or not 0.0 <= args.momentum <= 1.0:
-        raise UserError("--drop-path must be in [0, 1) and --momentum in [0, 1]")
+    if args.vis_images < 1 or not 0.0 <= args.momentum <= 1.0:
+        raise UserError("--vis-images must be at least 1 and --momentum in [0, 1]")
 
 
 def no_weight_decay(name, param):
@@ -248,58 +239,49 @@ def no_weight_decay(name, param):
 
 def main(args):
     check_args(args)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = build_model(args)  # checks its flags, before TrainRun makes the output folder
     if args.vis:
-        return visualize(args)
+        return visualize(args, model)
     if args.bench or args.bench_baseline:
-        return bench(args)
+        return bench(args, model)
     transform = image_transform(pretrain_transform(args.input_size))
     dataset = SeededDataset(build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size,
                                           seed=args.seed), transform)
     run = TrainRun(args, "pcae", dataset)
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = build_model(args).to(run.device)
+    model.to(run.device)
     optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
-    encoder = model.student  # exported in every checkpoint: MAE-style methods fine-tune the online network
-    run.resume(model, optimizer)
+    run.resume(model, optimizer, model.student)  # exported: MAE-style methods fine-tune the online network
     ddp_model = run.wrap(model)
     run.measure_flops(model, torch.zeros(2, 3, args.input_size, args.input_size, device=run.device))  # for MFU
     for epoch in range(run.epoch, args.epochs):
-        batches = run.epoch_batches()
         for step in run.steps():
             set_lr(optimizer, run.lr(step))
             step_loss = 0.0
             for micro in range(args.accum):
-                imgs, _ = run.next_batch(batches)
+                imgs, _ = run.next_batch()
                 with run.no_sync(ddp_model, micro), autocast(run.device):
-                    loss, metrics = ddp_model(imgs, run.step_random(step, micro))
+                    loss = ddp_model(imgs, run.step_random(step, micro))[0]  # (loss, no metrics)
                 (loss / args.accum).backward()
                 step_loss += loss.detach() / args.accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # EMA after the optimizer step only (the public code also ran it on accumulation micro-steps).
             model.update_teacher(ema_momentum(step, run.total_steps, args.momentum))
-            run.step_done(step, step_loss, metrics)
-            if run.preempted():  # SIGTERM / SIGUSR1 to any process: keep this step, exit 75 for a requeue
-                run.save(model, optimizer, encoder)
-                run.exit_for_requeue()
-            if args.save_every and run.step % args.save_every == 0:
-                run.save(model, optimizer, encoder)
-        if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop
-            run.save(model, optimizer, encoder)
+            run.step_done(step, step_loss)
+        if run.end_epoch():  # saves; True once --max-steps is reached
             break
-        run.end_epoch()
-        run.save(model, optimizer, encoder)
     run.finish()
 
 
 # ------------------------------------------------------------------------------------------------------- benchmark
-def bench(args):
+def bench(args, model):
     """Times the real optimizer step (forward, backward, AdamW, EMA) on random tensors already on the device; with
     --bench-baseline also a MAE-style step (same model, all masked tokens decoded, no teacher), in the same process,
     interleaved with the PCAE steps."""
+    from tools.bench import benchmark
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    model = build_model(args).to(device).train()
+    model = model.to(device).train()
     optimizer = build_adamw(model, args.weight_decay, 1e-4, no_weight_decay)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     labels = {"masking": (model, "mask"), "encoder": (model, "encode"), "decoder": (model.decoder, "forward"),
@@ -320,13 +302,12 @@ def bench(args):
 
 # --------------------------------------------------------------------------------------------------- visualisation
 @torch.no_grad()
-def visualize(args):
+def visualize(args, model):
     """PNG, one row per image: image | student's visible patches | teacher input (masked patches) | teacher's kept
     patches after each drop stage. Uses the checkpoint of --resume or --output-dir when there is one. The images come
     from different classes (sample_across_classes)."""
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    model = build_model(args).to(device).eval()
+    model = model.to(device).eval()
     path = Path(args.resume) if args.resume else Path(args.output_dir) / "checkpoint.pth"
     if args.resume or path.is_file():
         load_state(model, load_training_checkpoint(path, "pcae")["model"], "the model", path)

@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, ArgumentParser, MAEDecoder, SeededDataset, StepRandom, TrainRun,
-                    UserError, add_bench_args, add_common_args, autocast, benchmark, build_adamw, build_dataset,
-                    build_vit, check_common_args, denormalize, gather_rows, gather_tokens, image_transform,
-                    load_checkpoint, load_vit, make_loader, patchify, pick_device, preset_patch_size,
-                    pretrain_transform, random_masking, run_main, sample_across_classes, save_checkpoint, save_figure,
-                    set_lr, standardize_tokens)
+from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
+from common import (IMAGENET_MEAN, IMAGENET_STD, MAEDecoder, SeededDataset, StepRandom, build_adamw, build_dataset,
+                    build_vit, gather_tokens, image_transform, make_loader, patchify, preset_patch_size,
+                    pretrain_transform, random_masking, set_lr, standardize_tokens)
+from figures import denormalize, sample_across_classes, save_figure
+from train_utils import (TrainRun, autocast, gather_rows, load_checkpoint, load_vit, pick_device, run_main,
+                         save_checkpoint)
 
 
 # ====================================== stage A: semantic part learning (paper: Semantic Part Learning, Fig. 2 (A))
@@ -74,6 +75,9 @@ class PartLearner(nn.Module):
     the image's layout and diversity spreads it over N distinct parts."""
     def __init__(self, teacher, num_parts=6, channels=256, div_weight=1.0):
         super().__init__()
+        if not 2 <= num_parts <= 255 or channels < 1 or not div_weight >= 0:
+            raise ValueError(f"--num-parts must be in 2..255 (part ids are stored as uint8), --dec-channels at least 1 "
+                             f"and --div-weight non-negative, got {num_parts}, {channels}, {div_weight}")
         self.teacher = teacher.requires_grad_(False).eval()  # frozen: no gradient, no DDP sync
         dim, self.num_parts, self.div_weight = teacher.embed_dim, num_parts, div_weight
         self.grid, self.img_size = teacher.grid_size, teacher.config["img_size"]
@@ -194,6 +198,8 @@ class SemMAE(nn.Module):
     def __init__(self, encoder, num_parts=6, mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                  norm_pix_loss=True):
         super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
         self.encoder, self.num_parts, self.mask_ratio, self.patch = encoder, num_parts, mask_ratio, encoder.patch_size
         self.budget = setting2_budget(encoder.num_patches, mask_ratio)  # floor(r L) of setting 2, an int
         self.norm_pix_loss = norm_pix_loss
@@ -325,7 +331,7 @@ def colorize(ids, size):
 
 
 # ============================================================================================ the training loop
-def train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=False):
+def train(args, run, model, ddp_model, optimizer, schedule_alpha=False):
     """The training loop of both stages (TrainRun only acts when called). schedule_alpha (stage B with semantic
     masking): each epoch's alpha is set before its first step and logged."""
     for epoch in range(run.epoch, args.epochs):
@@ -333,12 +339,11 @@ def train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=False)
         if schedule_alpha:  # a buffer: no recompile, no host sync
             extra["alpha"] = alpha_for_epoch(args, epoch)
             model.alpha.fill_(extra["alpha"])
-        batches = run.epoch_batches()
         for step in run.steps():
             set_lr(optimizer, run.lr(step))
             step_loss = 0.0
             for micro in range(args.accum):
-                imgs, *part_ids, _ = run.next_batch(batches)  # [imgs, part_ids, labels] in stage B with parts
+                imgs, *part_ids, _ = run.next_batch()  # [imgs, part_ids, labels] in stage B with parts
                 with run.no_sync(ddp_model, micro), autocast(run.device):
                     loss, metrics = ddp_model(imgs, run.step_random(step, micro), *part_ids)
                 (loss / args.accum).backward()
@@ -346,16 +351,8 @@ def train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=False)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             run.step_done(step, step_loss, {**metrics, **extra})
-            if run.preempted():  # SIGTERM / SIGUSR1 to any process: keep this step, exit 75 for a requeue
-                run.save(model, optimizer, encoder)
-                run.exit_for_requeue()
-            if args.save_every and run.step % args.save_every == 0:
-                run.save(model, optimizer, encoder)
-        if run.stopped_in_epoch():  # --max-steps inside the epoch: save the exact position, stop
-            run.save(model, optimizer, encoder)
+        if run.end_epoch():  # saves; True once --max-steps is reached
             break
-        run.end_epoch()
-        run.save(model, optimizer, encoder)
     run.finish()
 
 
@@ -409,14 +406,8 @@ def no_weight_decay(name, param):
 
 
 def main_parts(args):
-    if not 2 <= args.num_parts <= 255:
-        raise UserError("--num-parts must be between 2 and 255 (part ids are stored as uint8)")
-    if args.dec_channels < 1 or args.div_weight < 0:
-        raise UserError("--dec-channels must be at least 1 and --div-weight non-negative")
     args.out = args.out or str(Path(args.output_dir) / "parts.pt")
     if args.teacher == "random":
-        print("warning: --teacher random: a randomly initialised teacher, for smoke runs only; its parts are "
-              "meaningless", file=sys.stderr)
         torch.manual_seed(args.seed)
         teacher = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
     else:
@@ -424,18 +415,21 @@ def main_parts(args):
     if teacher.config["img_size"] != args.input_size:
         raise UserError(f"the teacher {args.teacher} works at {teacher.config['img_size']} px; pass --input-size "
                         f"{teacher.config['img_size']}")
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = PartLearner(teacher, args.num_parts, args.dec_channels, args.div_weight)  # checks its flags
+    if args.teacher == "random":
+        print("warning: --teacher random: a randomly initialised teacher, for smoke runs only; its parts are "
+              "meaningless", file=sys.stderr)
     base = build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size, seed=args.seed)
     run = TrainRun(args, "semmae-parts", SeededDataset(base, image_transform(part_transform(args.input_size, True))))
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = PartLearner(teacher, args.num_parts, args.dec_channels, args.div_weight).to(run.device)
+    model.to(run.device)
     optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
-    encoder = model.teacher  # stage A trains no encoder: its checkpoints export the frozen teacher, for eval_probe.py
-    run.resume(model, optimizer)
+    run.resume(model, optimizer, model.teacher)  # stage A trains no encoder: it exports the frozen teacher
     if args.vis:  # a preview of the current model instead of training
         return preview_parts(model, base, args.vis, run.device, args.seed) if run.dist.is_main else None
     ddp_model = run.wrap(model)
     run.measure_flops(model, torch.zeros(2, 3, args.input_size, args.input_size, device=run.device))
-    train(args, run, model, ddp_model, optimizer, encoder)
+    train(args, run, model, ddp_model, optimizer)
     extract_parts(model, base, args, run)
 
 
@@ -460,11 +454,11 @@ def vis_masks(args, base, parts, path, count=4):
     print(f"wrote {path} ({width}x{height} px)")
 
 
-def bench(args, num_parts=6):
+def bench(args, model, num_parts=6):
     """--bench: the real training step (masking, forward, backward, AdamW) on random tensors already on the device."""
+    from tools.bench import benchmark
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    model = build_model(args, num_parts).to(device).train()
+    model = model.to(device).train()
     model.alpha.fill_(0.5)
     b, s = args.batch_size, args.input_size
     inputs = [torch.randn(b, 3, s, s, device=device)]
@@ -478,19 +472,14 @@ def bench(args, num_parts=6):
 
 
 def main_pretrain(args):
-    if not 0 < args.mask_ratio < 1:
-        raise UserError("--mask-ratio must be in (0, 1)")
     if args.gamma <= 0:
         raise UserError("--gamma must be positive")
-    if min(args.decoder_depth, args.decoder_heads, args.bench_steps) < 1:
-        raise UserError("--decoder-depth, --decoder-heads and --bench-steps must be at least 1")
-    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
-        raise UserError("--decoder-dim must be divisible by 4 and by --decoder-heads")
     semantic = args.masking == "semantic"
     if semantic and not args.parts and not args.bench:
         raise UserError("--masking semantic needs --parts FILE from `semmae.py parts` (or use --masking random)")
     if args.bench:
-        return bench(args)
+        torch.manual_seed(args.seed)
+        return bench(args, build_model(args, 6))
     base = build_dataset(args.data, "train", size=args.input_size, length=args.synthetic_size, seed=args.seed)
     parts = load_parts(args.parts, base) if args.parts else None
     if args.vis:
@@ -498,19 +487,19 @@ def main_pretrain(args):
             raise UserError("--vis needs --parts")
         return vis_masks(args, base, parts, args.vis)
     num_parts, patch = parts["num_parts"] if semantic else 1, preset_patch_size(args.model, args.patch_size)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    model = build_model(args, num_parts)  # checks its flags, before TrainRun makes the output folder
     dataset = (SeededDataset(WithParts(base, parts["part_ids"]), joint_transform(args.input_size, patch, num_parts))
                if semantic else SeededDataset(base, image_transform(pretrain_transform(args.input_size))))
     run = TrainRun(args, "semmae", dataset)
-    torch.manual_seed(args.seed)  # the same initial weights on every process
-    model = build_model(args, num_parts).to(run.device)
+    model.to(run.device)
     optimizer = build_adamw(model, args.weight_decay, run.peak_lr, no_weight_decay)
-    encoder = model.encoder  # the ViT being pretrained: exported in every checkpoint for eval_probe.py
-    run.resume(model, optimizer)
+    run.resume(model, optimizer, model.encoder)  # the ViT being pretrained, exported in every checkpoint
     ddp_model = run.wrap(model)
     fake = [torch.zeros(2, 3, args.input_size, args.input_size, device=run.device),
-            torch.zeros(2, encoder.num_patches, dtype=torch.long, device=run.device)]
+            torch.zeros(2, model.encoder.num_patches, dtype=torch.long, device=run.device)]
     run.measure_flops(model, *fake[:1 + semantic])  # images (and part ids)
-    train(args, run, model, ddp_model, optimizer, encoder, schedule_alpha=semantic)
+    train(args, run, model, ddp_model, optimizer, schedule_alpha=semantic)
 
 
 # ============================================================================================================= CLI
@@ -543,6 +532,7 @@ def build_parser():
     pa.add_argument("--dec-channels", type=int, default=256, help="width of the StyleGAN-like decoder (halved per x2)")
     pa.add_argument("--preview", default=None, help="PNG of the parts (default: next to --out)")
     pa.add_argument("--vis", default=None, help="write a preview PNG of the current model and exit")
+    pa.free_on_resume("out", "preview", "vis")
     # (decision) the paper gives no stage-A recipe; a short run is enough for a small head and decoder
     pa.set_defaults(epochs=20, warmup_epochs=2, blr=1e-3, weight_decay=0.05)
 
@@ -556,12 +546,11 @@ def build_parser():
                          "(the official commented-out line is linear: add --gamma 1); const0 / const1: alpha fixed; "
                          "cosine: (1 - cos(pi t / T)) / 2 (the official engine's first upload only)")
     pb.add_argument("--gamma", type=float, default=2.0, help="alpha = (t / T)^gamma (power and reverse)")
-    pb.add_argument("--decoder-dim", type=int, default=512, help="decoder width")
-    pb.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks")
-    pb.add_argument("--decoder-heads", type=int, default=16, help="decoder attention heads")
+    add_decoder_args(pb, depth=8)
     pb.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
                     help="pixel targets as they are, not standardised per patch (MAE's --norm_pix_loss off)")
     pb.add_argument("--vis", default=None, help="write a PNG of parts and masks at alpha 0, 0.5, 1 and exit")
+    pb.free_on_resume("vis")
     add_bench_args(pb)
     # paper / MAE recipe: ViT-B/16, 800 epochs, 40 warmup, blr 1.5e-4, wd 0.05 (batch 4096 = 64 x 8 GPUs x --accum 8)
     pb.set_defaults(model="base", epochs=800, warmup_epochs=40, blr=1.5e-4, weight_decay=0.05)

@@ -18,6 +18,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 import common  # noqa: E402  (after the path is set)
+import train_utils  # noqa: E402
 
 
 def pytest_configure(config):
@@ -51,7 +52,7 @@ SCRIPTS = {  # name -> (module, sub-command, flags)
 def write_parts_file(path):
     """A SemMAE parts file for the 48 synthetic training images (4 x 4 patch grid, 3 parts)."""
     ids = torch.randint(3, (48, 4, 4), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
-    common.save_checkpoint(path, {"method": "semmae-parts", "part_ids": ids, "grid": [4, 4], "num_parts": 3,
+    train_utils.save_checkpoint(path, {"method": "semmae-parts", "part_ids": ids, "grid": [4, 4], "num_parts": 3,
                                   "paths": [f"synthetic:0:{i}" for i in range(48)], "image_size": 32})
     return path
 
@@ -73,7 +74,7 @@ def run_inprocess(name, out, parts, *extra):
     """Run the tiny run in this process; returns the checkpoint it wrote."""
     module = importlib.import_module(SCRIPTS[name][0])
     module.main(module.build_parser().parse_args(argv(name, out, parts, *extra)))
-    return common.load_checkpoint(out / "checkpoint.pth")
+    return train_utils.load_checkpoint(out / "checkpoint.pth")
 
 
 def assert_same_state(a, b):

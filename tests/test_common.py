@@ -10,8 +10,13 @@ import pytest
 import torch
 
 import common
-from common import (ResumableSampler, SeededDataset, StepRandom, SyntheticShapes, UserError, build_vit,
-                    get_2d_sincos_pos_embed, patchify, random_masking, unpatchify)
+import figures
+import train_utils
+import cli
+from tools import bench
+from common import (ResumableSampler, SeededDataset, StepRandom, SyntheticShapes, build_vit, get_2d_sincos_pos_embed,
+                    patchify, random_masking, unpatchify)
+from cli import UserError
 
 
 # ------------------------------------------------------------------------------------------------ position embeddings
@@ -66,7 +71,7 @@ def test_timm_layout_checkpoint_loads_both_ways(tmp_path):
     src = build_vit("small")
     public = {**src.state_dict(), "head.weight": torch.zeros(1000, 384), "head.bias": torch.zeros(1000)}
     torch.save({"model": {f"module.{k}": v for k, v in public.items()}, "epoch": 3}, tmp_path / "mae.pth")
-    vit = common.load_vit(tmp_path / "mae.pth")
+    vit = train_utils.load_vit(tmp_path / "mae.pth")
     assert vit.config == dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
                               mlp_ratio=4.0)
     for k, v in src.state_dict().items():
@@ -81,19 +86,19 @@ def test_dino_teacher_layout(tmp_path):
     ckpt = {"student": {"module.backbone." + k: v * 0 for k, v in src.state_dict().items()},
             "teacher": {"backbone." + k: v for k, v in src.state_dict().items()} | {"head.mlp.0.weight": torch.ones(2)}}
     torch.save(ckpt, tmp_path / "dino.pth")
-    vit = common.load_vit(tmp_path / "dino.pth")  # the teacher is preferred, as DINO's own evaluation does
+    vit = train_utils.load_vit(tmp_path / "dino.pth")  # the teacher is preferred, as DINO's own evaluation does
     assert torch.equal(vit.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
 
 def test_load_vit_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
-        common.load_vit(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        train_utils.load_vit(tmp_path / "notes.txt")
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "mlp.pth")
-    with pytest.raises(UserError, match="contains no ViT encoder"):
-        common.load_vit(tmp_path / "mlp.pth")
-    with pytest.raises(UserError, match="checkpoint not found"):
-        common.load_vit(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="contains no ViT encoder"):
+        train_utils.load_vit(tmp_path / "mlp.pth")
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        train_utils.load_vit(tmp_path / "missing.pth")
 
 
 def test_pieces_compose_to_forward():
@@ -159,7 +164,7 @@ def test_stochastic_depth_in_training_needs_the_step_rng():
 def test_preset_patch_size_lookup():
     assert common.preset_patch_size("base") == 16 and common.preset_patch_size("huge") == 14
     assert common.preset_patch_size("base", 8) == 8
-    with pytest.raises(UserError, match="unknown model 'giant'"):
+    with pytest.raises(ValueError, match="unknown model 'giant'"):
         common.preset_patch_size("giant")
 
 
@@ -218,7 +223,7 @@ def test_mae_decoder_equals_mae_unshuffle_formulation():
 def test_denormalize_inverts_the_normalisation():
     img = torch.rand(3, 8, 8)
     mean, std = torch.tensor(common.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(common.IMAGENET_STD).view(3, 1, 1)
-    assert torch.allclose(common.denormalize((img - mean) / std), img, atol=1e-6)
+    assert torch.allclose(figures.denormalize((img - mean) / std), img, atol=1e-6)
 
 
 def test_step_random_is_independent_of_the_split():
@@ -293,13 +298,13 @@ def test_resumable_sampler_partitions_global_batches():
 
 def test_imagefolder_errors_and_bad_images(tmp_path, capsys):
     from PIL import Image
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(ValueError, match="not found"):
         common.build_dataset(str(tmp_path / "nope"), "train")
     (tmp_path / "train").mkdir()
-    with pytest.raises(UserError, match="no class sub-folders"):
+    with pytest.raises(ValueError, match="no class sub-folders"):
         common.build_dataset(str(tmp_path), "train")
     (tmp_path / "train" / "cat").mkdir()
-    with pytest.raises(UserError, match="contains no images"):
+    with pytest.raises(ValueError, match="contains no images"):
         common.build_dataset(str(tmp_path), "train")
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "train" / "cat" / "a.jpg")
     (tmp_path / "train" / "cat" / "b.jpg").write_bytes(b"")  # zero bytes
@@ -310,9 +315,9 @@ def test_imagefolder_errors_and_bad_images(tmp_path, capsys):
     x, label, bad = ds[1]
     assert bad == 1 and x.shape == (3, 32, 32)  # replaced by the next readable image (wrapping around)
     assert ds[0][2] == -1
-    logger = common.StepLogger(common.Dist("cpu"), tmp_path, every=1)
-    logger.note_bad(torch.tensor([-1, 1, 2, 1]), folder)
-    logger.note_bad(torch.tensor([1]), folder)
+    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
+    logger.note_bad(torch.tensor([-1, 1, 2, 1]), ds)
+    logger.note_bad(torch.tensor([1]), ds)
     err = capsys.readouterr().err
     assert err.count("b.jpg") == 1 and err.count("c.jpg") == 1  # each file reported once
     assert logger.bad_in_epoch == 4
@@ -359,11 +364,12 @@ def test_param_group_split():
 # -------------------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip(tmp_path):
     vit = build_vit("micro", img_size=32)
-    state = {"model": vit.state_dict(), "epoch": 3, "args": {"lr": 1e-3, "drop": [0, 4]}, **common.encoder_export(vit, "x")}
-    common.save_checkpoint(tmp_path / "checkpoint.pth", state)
-    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pth")  # weights_only=True
+    state = {"model": vit.state_dict(), "epoch": 3, "args": {"lr": 1e-3, "drop": [0, 4]},
+             **train_utils.encoder_export(vit, "x")}
+    train_utils.save_checkpoint(tmp_path / "checkpoint.pth", state)
+    ckpt = train_utils.load_checkpoint(tmp_path / "checkpoint.pth")  # weights_only=True
     assert ckpt["epoch"] == 3 and ckpt["args"]["drop"] == [0, 4] and ckpt["method"] == "x"
-    rebuilt = common.load_vit(tmp_path / "checkpoint.pth")
+    rebuilt = train_utils.load_vit(tmp_path / "checkpoint.pth")
     assert rebuilt.config == vit.config
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in vit.state_dict().items())
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
@@ -371,16 +377,16 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    common.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    train_utils.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
 
     def broken_save(obj, f):
         f.write(b"partial garbage")
         raise KeyboardInterrupt  # the process dies in the middle of the write
-    monkeypatch.setattr(common.torch, "save", broken_save)
+    monkeypatch.setattr(cli.torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        train_utils.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
-    assert common.load_checkpoint(path)["step"] == 1
+    assert train_utils.load_checkpoint(path)["step"] == 1
 
 
 @pytest.mark.slow
@@ -388,7 +394,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, root):
     path = tmp_path / "checkpoint.pth"
     script = textwrap.dedent(f"""
         import sys, torch; sys.path.insert(0, {str(root)!r})
-        from common import save_checkpoint
+        from train_utils import save_checkpoint
         big = torch.randn(40_000_000)  # 160 MB: long enough to be killed mid-write
         step = 0
         while True:
@@ -401,29 +407,29 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, root):
     time.sleep(0.3)  # now somewhere inside a later write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    ckpt = common.load_checkpoint(path)
+    ckpt = train_utils.load_checkpoint(path)
     assert ckpt["step"] >= 1 and ckpt["w"].shape == (40_000_000,)
 
 
 def test_load_state_error_names_the_mismatch(tmp_path):
-    with pytest.raises(UserError, match="does not match this model"):
-        common.load_state(build_vit("micro"), build_vit("tiny").state_dict(), "the encoder", "x.pth")
+    with pytest.raises(ValueError, match="does not match this model"):
+        train_utils.load_state(build_vit("micro"), build_vit("tiny").state_dict(), "the encoder", "x.pth")
 
 
 def test_output_dir_not_writable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(UserError, match="not writable"):
-        common.check_output_dir(blocker / "out")
+    with pytest.raises(ValueError, match="not writable"):
+        train_utils.check_output_dir(blocker / "out")
 
 
 def test_non_finite_guard_names_the_step():
-    guard = common.NonFiniteGuard()
+    guard = train_utils.NonFiniteGuard()
     guard.check(torch.tensor(1.0), 0)
     guard.check(torch.tensor(float("nan")), 1)  # read one step later, without a sync
     with pytest.raises(FloatingPointError, match="step 1"):
         guard.check(torch.tensor(1.0), 2)
-    guard = common.NonFiniteGuard()
+    guard = train_utils.NonFiniteGuard()
     guard.check(torch.tensor(float("inf")), 7)
     with pytest.raises(FloatingPointError, match="step 7"):
         guard.flush()  # before a checkpoint is written
@@ -431,7 +437,7 @@ def test_non_finite_guard_names_the_step():
 
 def test_flop_count_of_vit_base_forward():
     vit = build_vit("base").to("meta")
-    flops = common.count_flops(lambda: vit(torch.empty(1, 3, 224, 224, device="meta")))
+    flops = bench.count_flops(lambda: vit(torch.empty(1, 3, 224, 224, device="meta")))
     # analytic: 12 blocks x (24 N D^2 + 4 N^2 D) + patch embedding 2 L (p^2 3) D, N = 197, L = 196, D = 768
     n, d = 197, 768
     analytic = 12 * (24 * n * d * d + 4 * n * n * d) + 2 * 196 * 768 * 768
@@ -447,7 +453,7 @@ def test_accumulation_equals_one_big_batch_and_its_resume_is_exact(tmp_path):
     from conftest import assert_equivalent_runs, assert_same_state, run_inprocess
     big = run_inprocess("pcae", tmp_path / "big", "", "--batch-size", "8", "--keep-every", "1")
     assert big["epoch"] == 2 and big["step"] == 2 * (48 // 8) and big["samples"] == 0
-    kept = [common.load_checkpoint(tmp_path / "big" / f"checkpoint-{e:04d}.pth") for e in (1, 2)]
+    kept = [train_utils.load_checkpoint(tmp_path / "big" / f"checkpoint-{e:04d}.pth") for e in (1, 2)]
     assert [(k["epoch"], k["step"]) for k in kept] == [(1, 6), (2, 12)]  # a copy at the end of every epoch
     straight = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "4", "--accum", "2")
     stopped = run_inprocess("pcae", tmp_path / "acc", "", "--batch-size", "4", "--accum", "2", "--max-steps", "5")
@@ -455,6 +461,6 @@ def test_accumulation_equals_one_big_batch_and_its_resume_is_exact(tmp_path):
     resumed = run_inprocess("pcae", tmp_path / "acc", "", "--batch-size", "4", "--accum", "2")
     assert_same_state(straight, resumed)
     assert_equivalent_runs(big, resumed)
-    assert not torch.equal(stopped["model"]["student.norm.weight"], big["model"]["student.norm.weight"])  # it trained on
+    assert not torch.equal(stopped["model"]["student.norm.weight"], big["model"]["student.norm.weight"])  # trained on
     lines = (tmp_path / "big" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"bad_images": 0' in lines[0]

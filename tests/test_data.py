@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 import common
+import train_utils
 import eval_probe as ep
-from common import DataError, ImageFolder, SeededDataset, UserError
+from common import DataError, ImageFolder, SeededDataset
+from cli import UserError
 
 SIZE = 32
 
@@ -66,8 +68,8 @@ def test_bomb_png_is_skipped_reported_and_replaced_within_its_class(tmp_path, ca
     assert (label, bad) == (0, bomb) and x.shape == (3, SIZE, SIZE)
     # replaced by the next image of class a, wrapping around: a/0.jpg, not b/0.jpg (the next file of the dataset)
     assert torch.equal(x, dataset(folder)[0][0])
-    logger = common.StepLogger(common.Dist("cpu"), tmp_path, every=1)
-    logger.note_bad(torch.tensor([-1, bomb, bomb]), folder)
+    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
+    logger.note_bad(torch.tensor([-1, bomb, bomb]), dataset(folder))
     assert capsys.readouterr().err.count("skipped unreadable image") == 1 and logger.bad_in_epoch == 2
 
 
@@ -133,7 +135,7 @@ def test_a_whole_unreadable_class_stops_with_a_clear_error(tmp_path, monkeypatch
         dataset(folder)[4]
     message = str(info.value)
     assert "none of the 4 images of the class of" in message and "Permission denied" in message
-    assert "\n" not in message and isinstance(info.value, UserError)
+    assert "\n" not in message and isinstance(info.value, ValueError)  # one line, exit code 2 (run_main)
 
 
 def test_an_unreadable_class_folder_at_start_up_is_a_user_error(tmp_path, monkeypatch):
@@ -146,7 +148,7 @@ def test_an_unreadable_class_folder_at_start_up_is_a_user_error(tmp_path, monkey
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
     monkeypatch.setattr(os, "scandir", fake_scandir)
-    with pytest.raises(UserError, match="cannot read class folder .*b \\(Permission denied\\)"):
+    with pytest.raises(ValueError, match="cannot read class folder .*b \\(Permission denied\\)"):
         ImageFolder(tmp_path)
 
 
@@ -183,15 +185,15 @@ def test_data_error_from_a_loader_worker_keeps_its_one_line_message(tmp_path):
 
 def test_too_large_a_share_of_unreadable_samples_stops_the_run(tmp_path):
     folder = ImageFolder(broken_folder(tmp_path / "data", classes=1, per_class=3))
-    logger = common.StepLogger(common.Dist("cpu"), tmp_path, every=1)
-    logger.note_bad(torch.zeros(100, dtype=torch.long), folder)  # a first batch of bad images only
+    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
+    logger.note_bad(torch.zeros(100, dtype=torch.long), dataset(folder))  # a first batch of bad images only
     for _ in range(8):  # 100 of 900 samples, but fewer than BAD_MIN_SAMPLES = 1000 read: goes on
-        logger.note_bad(torch.full((100,), -1), folder)
+        logger.note_bad(torch.full((100,), -1), dataset(folder))
     with pytest.raises(DataError, match="110 of the 1000 images read so far were unreadable \\(more than 10%\\)"):
-        logger.note_bad(torch.tensor([0] * 10 + [-1] * 90), folder)
-    ok = common.StepLogger(common.Dist("cpu"), tmp_path, every=1)
+        logger.note_bad(torch.tensor([0] * 10 + [-1] * 90), dataset(folder))
+    ok = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
     for _ in range(10):
-        ok.note_bad(torch.tensor([0] * 10 + [-1] * 90), folder)  # exactly 10%: not more, goes on
+        ok.note_bad(torch.tensor([0] * 10 + [-1] * 90), dataset(folder))  # exactly 10%: not more, goes on
     assert ok.bad_read == 100 and ok.samples_read == 1000
 
 
@@ -244,7 +246,7 @@ def test_files_not_read_are_counted_by_kind_and_reported_once(tmp_path, capsys, 
     assert ImageFolder(clean).skipped == {} and capsys.readouterr().err == ""
     (clean / "gifs").mkdir()
     (clean / "gifs" / "x.gif").write_bytes(b"")
-    with pytest.raises(UserError, match="gifs contains no images \\(1 other entries; read are regular files with "):
+    with pytest.raises(ValueError, match="gifs contains no images \\(1 other entries; read are regular files with "):
         ImageFolder(clean)
 
 
@@ -259,7 +261,7 @@ def test_knn_k_beyond_the_training_set_is_clamped_and_recorded(tmp_path, capsys)
     torch.manual_seed(0)
     vit = common.build_vit("micro", img_size=SIZE)
     ours = tmp_path / "ours.pth"
-    common.save_checkpoint(ours, {"step": 7, "epoch": 2, **common.encoder_export(vit, "pcae")})
+    train_utils.save_checkpoint(ours, {"step": 7, "epoch": 2, **train_utils.encoder_export(vit, "pcae")})
     row = probe(ours, tmp_path, "--nb-knn", "5", "100", "200")  # 48 training images
     assert sorted(row["knn"], key=int) == ["1", "5", "48"] and row["k"] == 48 and row["nb_knn"] == [5, 100, 200]
     err = capsys.readouterr().err
@@ -321,7 +323,7 @@ def test_a_file_name_that_is_not_utf8_trains_saves_and_resumes(name, tmp_path, c
     .encode() refuses. Every training mode reads such a file, writes its checkpoints (whose image-name hash takes the
     name's bytes) and resumes from them."""
     from conftest import argv, write_parts_file
-    import eval_probe
+    import finetune
     root = tmp_path / "data"
     for split in ("train", "val"):
         make_class(root / split / "a", 6)
@@ -331,23 +333,23 @@ def test_a_file_name_that_is_not_utf8_trains_saves_and_resumes(name, tmp_path, c
     out = tmp_path / "out"
     if name == "finetune":
         ckpt = tmp_path / "encoder.pth"
-        common.save_checkpoint(ckpt, common.encoder_export(common.build_vit("micro", img_size=SIZE), "pcae"))
-        flags = ["--ckpt", str(ckpt), "--data", str(root), "--mode", "finetune", "--epochs", "2", "--warmup-epochs",
-                 "1", "--batch-size", "4", "--num-workers", "0", "--output-dir", str(out)]
-        run = lambda *extra: eval_probe.main(eval_probe.build_parser().parse_args([*flags, *extra]))
+        train_utils.save_checkpoint(ckpt, train_utils.encoder_export(common.build_vit("micro", img_size=SIZE), "pcae"))
+        flags = ["--ckpt", str(ckpt), "--data", str(root), "--epochs", "2", "--warmup-epochs", "1", "--batch-size",
+                 "4", "--num-workers", "0", "--output-dir", str(out)]
+        run = lambda *extra: finetune.main(finetune.build_parser().parse_args([*flags, *extra]))
     else:
         parts = ""
         if name == "semmae":  # a parts file of this folder: 12 images, 4 x 4 patches
             folder = ImageFolder(root / "train")
             parts = write_parts_file(tmp_path / "parts.pt")
-            ckpt = common.load_checkpoint(parts)
-            common.save_checkpoint(parts, {**ckpt, "part_ids": ckpt["part_ids"][:12],
+            ckpt = train_utils.load_checkpoint(parts)
+            train_utils.save_checkpoint(parts, {**ckpt, "part_ids": ckpt["part_ids"][:12],
                                            "paths": [folder.path(i) for i in range(12)]})
         module = importlib.import_module("semmae" if name.startswith("semmae") else name)
         run = lambda *extra: module.main(module.build_parser().parse_args(argv(name, out, parts, *extra,
                                                                                data=str(root))))
     run("--max-steps", "2")
-    assert common.load_checkpoint(out / "checkpoint.pth")["step"] == 2
+    assert train_utils.load_checkpoint(out / "checkpoint.pth")["step"] == 2
     run()  # resumes from it: the image names hash the same
-    done = common.load_checkpoint(out / "checkpoint.pth")
+    done = train_utils.load_checkpoint(out / "checkpoint.pth")
     assert done["epoch"] == 2 and done["images"]["count"] == 12

@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import common
+import train_utils
+import cli
 import eval_probe as ep
+import eval_utils as eu
 from conftest import run_inprocess, write_parts_file
 
 SIZE, N_TRAIN = 32, 48  # micro ViT at 32 px: 4 x 4 patches; --data synthetic with 48 train / 12 val images
-CPU = common.Dist("cpu")  # one process
+CPU = train_utils.Dist("cpu")  # one process
 
 
 
@@ -37,9 +40,10 @@ def test_knn_weighted_vote_matches_hand_computation():
     assert torch.allclose(votes[3], torch.tensor([[math.exp(1 / 0.07), 2 * math.exp(0.8 / 0.07), 0.0]]), rtol=1e-4)
     assert torch.allclose(votes[1], torch.tensor([[math.exp(1 / 0.07), 0.0, 0.0]]), rtol=1e-4)
     # T = 0.07: the close neighbour outweighs the majority; T = 1: e^1 < 2 e^0.8, the majority wins
-    assert ep.knn_classify(train, labels, test, k=3).tolist() == [0]
-    assert ep.knn_classify(train, labels, test, k=3, temperature=1.0).tolist() == [1]
-    assert ep.knn_classify(train, labels, torch.tensor([[-5.0, 0.1], [0.9, 0.7]]), k=1).tolist() == [2, 1]
+    predict = lambda test, k, t=0.07: ep.knn_votes(train, labels, test, [k], t, num_classes=3)[k].argmax(1).tolist()
+    assert predict(test, 3) == [0]
+    assert predict(test, 3, 1.0) == [1]
+    assert predict(torch.tensor([[-5.0, 0.1], [0.9, 0.7]]), 1) == [2, 1]
 
 
 def test_knn_leave_one_out_and_topk():
@@ -48,8 +52,8 @@ def test_knn_leave_one_out_and_topk():
     votes = ep.knn_votes(feats, labels, feats, [1], exclude_self=True)[1]
     assert votes.argmax(1).tolist() == [1, 0, 0, 1]
     scores = torch.tensor([[0.1, 0.5, 0.2, 0.0, 0.3, 0.4], [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
-    assert ep.topk_correct(scores, torch.tensor([2, 5])) == [0, 1]  # label 2 is 4th of row 0; label 5 last of row 1
-    assert ep.accuracy(scores, torch.tensor([1, 5])) == (50.0, 50.0)
+    assert eu.topk_correct(scores, torch.tensor([2, 5])) == [0, 1]  # label 2 is 4th of row 0; label 5 last of row 1
+    assert eu.accuracy(scores, torch.tensor([1, 5])) == (50.0, 50.0)
 
 
 def test_knn_top5_counts_the_first_min_5_k_predictions():
@@ -59,16 +63,16 @@ def test_knn_top5_counts_the_first_min_5_k_predictions():
     train, test, truth = torch.stack([angles.cos(), angles.sin()], 1), torch.tensor([[1.0, 0.0]]).repeat(6, 1), \
         torch.arange(6)
     votes = ep.knn_votes(train, torch.tensor([2, 4, 1, 0, 3, 5]), test, [1, 3, 5], num_classes=6)
-    assert ep.topk_correct(votes[1], truth, max_rank=1) == [1, 1]  # k = 1: top-5 = top-1 (label 2 only)
-    assert ep.topk_correct(votes[3], truth, max_rank=3) == [1, 3]  # voted 2 > 4 > 1; not the zero-vote 0, 3, 5
-    assert ep.topk_correct(votes[5], truth, max_rank=5) == [1, 5]  # every label but 5 (the 6th neighbour's)
-    assert ep.accuracy(votes[3], truth, max_rank=3) == pytest.approx((100 / 6, 50.0))
-    assert ep.topk_correct(votes[3], truth) == [1, 5]  # a plain top-5 lets two zero-vote classes in
+    assert eu.topk_correct(votes[1], truth, max_rank=1) == [1, 1]  # k = 1: top-5 = top-1 (label 2 only)
+    assert eu.topk_correct(votes[3], truth, max_rank=3) == [1, 3]  # voted 2 > 4 > 1; not the zero-vote 0, 3, 5
+    assert eu.topk_correct(votes[5], truth, max_rank=5) == [1, 5]  # every label but 5 (the 6th neighbour's)
+    assert eu.accuracy(votes[3], truth, max_rank=3) == pytest.approx((100 / 6, 50.0))
+    assert eu.topk_correct(votes[3], truth) == [1, 5]  # a plain top-5 lets two zero-vote classes in
     # two classes voted among 3 neighbours (2 gets w1 + w3 > w2 of 4): DINO's 3rd prediction is a zero-vote class,
     # here the lowest index, 0 (ties in class order)
     votes = ep.knn_votes(train, torch.tensor([2, 4, 2, 1, 3, 5]), test, [3], num_classes=6)[3]
-    assert ep.label_rank(votes, truth).tolist() == [2, 3, 0, 4, 1, 5]
-    assert ep.topk_correct(votes, truth, max_rank=3) == [1, 3]  # labels 2, 4, 0
+    assert eu.label_rank(votes, truth).tolist() == [2, 3, 0, 4, 1, 5]
+    assert eu.topk_correct(votes, truth, max_rank=3) == [1, 3]  # labels 2, 4, 0
 
 
 # ------------------------------------------------------------------------------------------------------------- LARS
@@ -119,15 +123,15 @@ def test_feature_pools_and_gather_order(monkeypatch):
     imgs = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         tokens, pre = vit(imgs), vit.forward_blocks(vit.embed(imgs))  # [3, 17, 64]
-    assert torch.allclose(ep.extract(vit, imgs, "cls"), tokens[:, 0], atol=1e-6)
-    assert torch.allclose(ep.extract(vit, imgs, "mean"), tokens[:, 1:].mean(1), atol=1e-6)
-    assert torch.allclose(ep.extract(vit, imgs, "prenorm-mean"), pre[:, 1:].mean(1), atol=1e-6)
+    assert torch.allclose(eu.extract(vit, imgs, "cls"), tokens[:, 0], atol=1e-6)
+    assert torch.allclose(eu.extract(vit, imgs, "mean"), tokens[:, 1:].mean(1), atol=1e-6)
+    assert torch.allclose(eu.extract(vit, imgs, "prenorm-mean"), pre[:, 1:].mean(1), atol=1e-6)
     # mae-mean: MAE's global pool, fc_norm as models_vit.py builds it (LayerNorm eps 1e-6, default init 1 / 0) on the
     # pre-norm mean: every feature vector has mean 0 and (biased) variance 1
-    mae = ep.extract(vit, imgs, "mae-mean")
+    mae = eu.extract(vit, imgs, "mae-mean")
     assert torch.allclose(mae, torch.nn.LayerNorm(64, eps=1e-6)(pre[:, 1:].mean(1)).detach(), atol=1e-5)
     assert mae.mean(1).abs().max() < 1e-5 and torch.allclose(mae.var(1, unbiased=False), torch.ones(3), atol=1e-4)
-    assert (mae - ep.extract(vit, imgs, "mean")).abs().max() > 0.1  # LN of the mean is not the mean of LNs
+    assert (mae - eu.extract(vit, imgs, "mean")).abs().max() > 0.1  # LN of the mean is not the mean of LNs
     # mean keeps the final norm's trained affine g, b; the probe's BatchNorm1d(affine=False) removes it (up to sign g)
     g = torch.randn(64).sign() * (0.5 + torch.rand(64))
     with torch.no_grad():
@@ -135,7 +139,7 @@ def test_feature_pools_and_gather_order(monkeypatch):
     def bn(x):  # BatchNorm1d(affine=False) in train mode with eps -> 0 (over 3 images some variances are 1e-4)
         return (x - x.mean(0)) / x.std(0, correction=0)
     plain = torch.nn.functional.layer_norm(pre[:, 1:], (64,), eps=1e-6).mean(1)  # mean of LN_1,0 tokens
-    assert torch.allclose(bn(ep.extract(vit, imgs, "mean")), bn(plain) * g.sign(), atol=1e-3)
+    assert torch.allclose(bn(eu.extract(vit, imgs, "mean")), bn(plain) * g.sign(), atol=1e-3)
     # 3 processes hold rows rank::3 of 7 rows; the gathered tensor is in index order
     rows = torch.arange(7.0)[:, None]
 
@@ -143,9 +147,9 @@ def test_feature_pools_and_gather_order(monkeypatch):
         for r in range(3):
             shard = rows[r::3]
             parts[r].zero_()[:len(shard)] = shard
-    monkeypatch.setattr(common.torch_dist, "all_gather", fake_all_gather)
+    monkeypatch.setattr(train_utils.torch_dist, "all_gather", fake_all_gather)
     dist = SimpleNamespace(world=3, rank=1)
-    assert common.gather_rows(dist, rows[1::3], 7).flatten().tolist() == list(range(7))
+    assert train_utils.gather_rows(dist, rows[1::3], 7).flatten().tolist() == list(range(7))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint formats
@@ -165,7 +169,8 @@ def project_reference(path):
 def make_project(tmp_path):
     vit, path = micro_vit(), tmp_path / "ours" / "checkpoint.pth"
     path.parent.mkdir()
-    common.save_checkpoint(path, {"model": {"decoder.weight": torch.zeros(2)}, **common.encoder_export(vit, "test")})
+    train_utils.save_checkpoint(path, {"model": {"decoder.weight": torch.zeros(2)},
+                                       **train_utils.encoder_export(vit, "test")})
     return path, [], project_reference(path)
 
 
@@ -219,18 +224,18 @@ def reference_features(vit, split, pool="cls"):
 def test_checkpoint_loads_and_evaluates(kind, tmp_path):
     path, extra, ref = CHECKPOINT_MAKERS[kind](tmp_path)
     args = ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic", "--device", "cpu", *extra])
-    vit = ep.load_encoder(args, CPU)
+    vit = eu.load_encoder(args, CPU)
     assert args.input_size == SIZE and vit.config["num_heads"] == 4
     imgs = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        assert torch.allclose(ep.extract(vit, imgs, "cls"), ref(imgs)[:, 0], atol=1e-5)
+        assert torch.allclose(eu.extract(vit, imgs, "cls"), ref(imgs)[:, 0], atol=1e-5)
     out = tmp_path / "results" / "probe.jsonl"
     row = probe(path, "--mode", "knn", "--nb-knn", "3", *extra, output=out)
     # the default read-out follows the checkpoint's method: Latent MIM's evaluation uses the pre-norm patch mean
     assert row["pool"] == ("prenorm-mean" if kind == "latent_mim" else "cls")
     (tf, ty), (vf, vy) = reference_features(ref, "train", row["pool"]), reference_features(ref, "val", row["pool"])
     for k in (1, 3):
-        expected = ep.accuracy(ep.knn_votes(tf, ty, vf, [k], num_classes=10)[k], vy, max_rank=k)
+        expected = eu.accuracy(ep.knn_votes(tf, ty, vf, [k], num_classes=10)[k], vy, max_rank=k)
         assert (row["knn"][str(k)]["top1"], row["knn"][str(k)]["top5"]) == pytest.approx(expected)
     assert row["knn"]["1"]["top5"] == row["knn"]["1"]["top1"]  # DINO: top-5 over min(5, k) predictions
     if kind == "project":  # Latent MIM's NN: leave-one-out 1-NN on val, mean of patch tokens before the final norm
@@ -250,17 +255,17 @@ def test_checkpoint_loads_and_evaluates(kind, tmp_path):
 
 def test_public_layout_head_count_from_presets_or_flag(tmp_path):
     path, _, ref = make_timm(tmp_path)
-    vit = ep.load_encoder(ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic"]), CPU)
+    vit = eu.load_encoder(ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic"]), CPU)
     assert vit.config["num_heads"] == 4  # width 64 and depth 4 are the micro preset's: 4 heads
     imgs = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        assert torch.allclose(ep.extract(vit, imgs, "cls"), ref(imgs)[:, 0], atol=1e-5)
+        assert torch.allclose(eu.extract(vit, imgs, "cls"), ref(imgs)[:, 0], atol=1e-5)
     # --num-heads overrides the inferred count (here wrongly, so the features change)
-    vit1 = ep.load_encoder(ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic",
+    vit1 = eu.load_encoder(ep.build_parser().parse_args(["--ckpt", str(path), "--data", "synthetic",
                                                          "--num-heads", "1"]), CPU)
     assert vit1.config["num_heads"] == 1
     with torch.no_grad():
-        assert not torch.allclose(ep.extract(vit1, imgs, "cls"), ref(imgs)[:, 0], atol=1e-3)
+        assert not torch.allclose(eu.extract(vit1, imgs, "cls"), ref(imgs)[:, 0], atol=1e-3)
 
 
 def test_full_protocol_with_augmentation_is_reproducible(tmp_path, monkeypatch):
@@ -362,17 +367,17 @@ def test_probe_train_transform_is_tf_crop_then_flip_then_normalise():
 def test_clear_errors(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "no_vit.pth"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, bad)
-    with pytest.raises(common.UserError, match="no ViT encoder"):
+    with pytest.raises(ValueError, match="no ViT encoder"):
         probe(bad)
     path, _, _ = make_project(tmp_path)
     expected = r"built for 32 px images \(4x4 patches of 8 px\) but --input-size is 64; pass --input-size 32"
-    with pytest.raises(common.UserError, match=expected):
+    with pytest.raises(ValueError, match=expected):
         probe(path, "--input-size", "64")
-    with pytest.raises(common.UserError, match="--loo"):
+    with pytest.raises(ValueError, match="--loo"):
         probe(path, "--loo")
     monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(bad), "--data", "synthetic"])
     with pytest.raises(SystemExit) as exit_info:  # the command line: one line on stderr, exit code 2
-        common.run_main(ep.main, ep.build_parser())
+        train_utils.run_main(ep.main, ep.build_parser())
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no ViT encoder" in err
 
@@ -382,20 +387,20 @@ def test_a_nan_score_is_never_a_correct_prediction():
     scores = torch.tensor([[0.1, float("nan"), 0.3], [float("nan")] * 3, [0.9, 0.2, 0.1]])
     labels = torch.tensor([2, 0, 0])
     never = torch.iinfo(torch.long).max
-    assert ep.label_rank(scores, labels).tolist() == [never, never, 0]  # outside every top-k
-    assert ep.accuracy(scores, labels) == pytest.approx((100 / 3, 100 / 3))  # top-5 of 3 classes: only row 2
+    assert eu.label_rank(scores, labels).tolist() == [never, never, 0]  # outside every top-k
+    assert eu.accuracy(scores, labels) == pytest.approx((100 / 3, 100 / 3))  # top-5 of 3 classes: only row 2
 
 
 @pytest.mark.parametrize("mode", [["--mode", "knn"], ["--cached", "--epochs", "1", "--warmup-epochs", "0"]])
 def test_an_encoder_with_a_nan_weight_stops_the_evaluation_with_exit_3(mode, tmp_path, monkeypatch, capsys):
     path, _, _ = make_project(tmp_path)
-    ckpt = common.load_checkpoint(path)
+    ckpt = train_utils.load_checkpoint(path)
     ckpt["encoder"]["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
-    common.save_checkpoint(path, ckpt)
+    train_utils.save_checkpoint(path, ckpt)
     monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(path), "--data", "synthetic", "--synthetic-size",
                                       str(N_TRAIN), "--batch-size", "8", "--num-workers", "0", *mode])
     with pytest.raises(SystemExit) as exit_info:
-        common.run_main(ep.main, ep.build_parser())
+        train_utils.run_main(ep.main, ep.build_parser())
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 3 and err == [
         f"error: the encoder of {path} gives non-finite features for 12 of 12 val images: its weights hold NaN or "

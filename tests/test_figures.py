@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common import (FIGURE_MIN_WIDTH, SyntheticShapes, build_dataset, sample_across_classes, save_checkpoint,
-                    save_figure)
+from common import SyntheticShapes, build_dataset
+from figures import FIGURE_MIN_WIDTH, sample_across_classes, save_figure
+from train_utils import save_checkpoint
 from conftest import argv, write_parts_file
 
 # A class-sorted folder: class c, image j is the solid colour (30 + 90c, 30 + 60j, 220 - 90c); every pair of the 12

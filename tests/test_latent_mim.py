@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import (Block, MAEDecoder, UserError, build_adamw, get_2d_sincos_pos_embed, load_checkpoint, load_vit,
-                    patchify)
+from common import Block, MAEDecoder, build_adamw, get_2d_sincos_pos_embed, patchify
+from cli import UserError
+from train_utils import load_checkpoint, load_vit
 from conftest import step_rng
 import latent_mim as lm
 
@@ -17,8 +18,9 @@ MICRO = ["--data", "synthetic", "--model", "micro", "--input-size", "32", "--gap
 
 
 def micro_args(*extra):
+    """The parsed flags after main's checks (the model checks its own; check_args sets the crop size from it)."""
     args = lm.build_parser().parse_args(MICRO + list(extra))
-    lm.check_args(args)
+    lm.check_args(args, lm.build_model(args))
     return args
 
 
@@ -277,12 +279,13 @@ def test_momentum_target_starts_as_copy_and_follows_the_ema_rule():
 
 
 def test_cli_validation():
-    """Each bad flag is a UserError before training: from check_args, or from build_vit for the encoder's sizes."""
+    """Each bad flag is a ValueError before training: from the model's constructor (the encoder's sizes, the mask
+    ratio, the gap, tau, the decoder's width) or from check_args (the crop size against the model's grid)."""
     for bad in (["--mask-ratio", "1.0"], ["--mask-ratio", "0.99"], ["--crop-size", "32"], ["--input-size", "36"],
                 ["--gap", "-1"], ["--tau", "0"], ["--decoder-dim", "30"], ["--model", "nano"]):
-        with pytest.raises(UserError):
+        with pytest.raises(ValueError):
             micro_model(*bad)
-    with pytest.raises(UserError, match="inconsistent"):
+    with pytest.raises(ValueError, match="inconsistent"):
         micro_args("--crop-size", "32")
     assert micro_args("--crop-size", "40").crop_size == 40
     with pytest.raises(ValueError):
@@ -328,8 +331,8 @@ def test_no_weight_decay_names():
     """The official groups (timm, names with 'bias' / 'norm' / 'embed' undecayed), mapped onto our names, for the
     default ViT-B/16 model; the frozen momentum target is in no group."""
     args = lm.build_parser().parse_args(["--data", "synthetic"])
-    lm.check_args(args)
     model = lm.build_model(args)
+    lm.check_args(args, model)
     enc = [f"encoder.blocks.{i}.{n}" for i in range(12) for n in (
         "norm1.weight", "norm1.bias", "attn.qkv.bias", "attn.proj.bias", "norm2.weight", "norm2.bias",
         "mlp.fc1.bias", "mlp.fc2.bias")]
@@ -363,9 +366,9 @@ def test_full_default_vit_b16_step_on_cpu():
     recipe = (d.epochs, d.warmup_epochs, d.blr, d.batch_size * 8 * d.accum, d.min_lr_frac)
     assert recipe == (800, 40, 1.5e-4, 4096, 0.25)
     args = lm.build_parser().parse_args(["--data", "synthetic", "--batch-size", "2"])
-    lm.check_args(args)
     torch.manual_seed(0)
     model = lm.build_model(args)
+    lm.check_args(args, model)
     assert (model.encoder.embed_dim, len(model.encoder.blocks), model.patch, model.crop) == (768, 12, 16, 280)
     assert (model.num_visible, model.num_patches, model.loss_kind, model.sim_weight) == (20, 196, "patchdisc", 0.05)
     assert model.proj[3].weight.shape == (4096, 4096) and len(model.decoder.blocks) == 3

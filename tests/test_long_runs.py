@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import common
-from common import UserError
+import train_utils
+from cli import UserError
 from conftest import (ROOT, SCRIPTS, argv, assert_equivalent_runs, assert_same_state, run_inprocess, script_cmd,
                       subprocess_env)
 
@@ -35,7 +36,7 @@ def cli(monkeypatch, capsys, name, out, parts, *extra, data="synthetic"):
     monkeypatch.setattr(sys, "argv", ["prog", *argv(name, out, parts, *extra, data=data)])
     capsys.readouterr()
     try:
-        common.run_main(module.main, module.build_parser())
+        train_utils.run_main(module.main, module.build_parser())
         code = 0
     except SystemExit as e:
         code = e.code
@@ -47,7 +48,7 @@ def run_on(data, out, *extra):
     """The tiny pcae run on an image folder; returns its checkpoint."""
     import pcae
     pcae.main(pcae.build_parser().parse_args(argv("pcae", out, "", *extra, data=str(data))))
-    return common.load_checkpoint(out / "checkpoint.pth")
+    return train_utils.load_checkpoint(out / "checkpoint.pth")
 
 
 def image_folder(root, per_class=6):
@@ -83,7 +84,7 @@ def test_resume_refuses_flags_that_change_training_and_names_them(name, change, 
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {out / 'checkpoint.pth'} was trained with other "
                                                              f"settings: ")
     assert all(flag in err[0] for flag in named), err
-    assert common.load_checkpoint(out / "checkpoint.pth")["step"] == 2  # untouched
+    assert train_utils.load_checkpoint(out / "checkpoint.pth")["step"] == 2  # untouched
     free = ["--max-steps", "4", "--save-every", "3", "--log-every", "5", "--keep-every", "1", "--device", "cpu",
             "--num-workers", "0", "--resume", str(out / "checkpoint.pth")]
     assert run_inprocess(name, out, "", *free)["step"] == 4  # flags that do not change what is trained may change
@@ -113,28 +114,8 @@ def test_a_requeued_resume_command_continues_its_own_checkpoint(tmp_path, monkey
     assert (f"{out / 'checkpoint.pth'} exists: continuing this run from it (--resume {seed[1]} only seeds a new run)"
             in printed)
     assert f"resumed from {out / 'checkpoint.pth'}: epoch 0, step 7" in printed
-    assert_same_state(reference, common.load_checkpoint(out / "checkpoint.pth"))
-    assert common.load_checkpoint(tmp_path / "a" / "checkpoint.pth")["step"] == 3  # the seed is untouched
-
-
-def test_checkpoints_that_count_micro_batches_are_converted_or_refused(tmp_path, monkeypatch, capsys):
-    reference = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "8")
-    out = tmp_path / "old"
-    old = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2", "--max-steps", "3")
-    for key in ("samples", "effective_batch", "images"):
-        del old[key]
-    common.save_checkpoint(out / "checkpoint.pth", {**old, "chunk": 3 * 2})  # as written before: micro-batches
-    code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--batch-size", "8")
-    assert code == 2 and err == [f"error: {out / 'checkpoint.pth'} counts its position in micro-batches (an older "
-                                 f"version): resume it once with its original --batch-size, --accum and number of "
-                                 f"processes"]
-    resumed = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2")
-    assert_equivalent_runs(reference, resumed)
-
-    del old["epoch"]
-    common.save_checkpoint(out / "checkpoint.pth", {**old, "chunk": 6})
-    code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--batch-size", "4", "--accum", "2")
-    assert code == 2 and err == [f"error: {out / 'checkpoint.pth'} has no epoch: not a complete training checkpoint"]
+    assert_same_state(reference, train_utils.load_checkpoint(out / "checkpoint.pth"))
+    assert train_utils.load_checkpoint(tmp_path / "a" / "checkpoint.pth")["step"] == 3  # the seed is untouched
 
 
 # ----------------------------------------------------------------------------------------------- SIGTERM / SIGUSR1
@@ -160,10 +141,10 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_75(name, tmp_path, parts_f
     finally:
         assert signal.signal(signal.SIGTERM, previous) is not_caught
     ckpt_path = tmp_path / "stopped" / "checkpoint.pth"
-    assert code == common.EXIT_REQUEUE == 75
+    assert code == train_utils.EXIT_REQUEUE == 75
     assert err[-1] == f"stopped: SIGTERM after step 4; {ckpt_path} holds it: run the same command to continue"
     assert len(calls) == 5  # no step after the one that was running
-    stopped = common.load_checkpoint(ckpt_path)
+    stopped = train_utils.load_checkpoint(ckpt_path)
     assert (stopped["step"], stopped["samples"]) == (5, 20)  # step 4 finished and saved: no step lost
     assert not (tmp_path / "stopped" / ".lock").exists()
     monkeypatch.setattr(cls, "forward", original)
@@ -185,21 +166,21 @@ def test_sigusr1_is_a_stop_request_too(tmp_path, monkeypatch, capsys):
     finally:
         assert signal.signal(signal.SIGUSR1, previous) == signal.SIG_IGN
     assert code == 75 and err[-1].startswith("stopped: SIGUSR1 after step 0; ")
-    assert common.load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
-    assert common.stop_signal() is None  # reset for the next run of this process
+    assert train_utils.load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
+    assert train_utils.stop_signal() is None  # reset for the next run of this process
 
 
 # ------------------------------------------------------------------------------------------------- the folder lock
 def write_lock(folder, age=0.0, **owner):
-    path = folder / common.LOCK_FILE
+    path = folder / train_utils.LOCK_FILE
     path.write_text(json.dumps(owner))
     os.utime(path, (time.time() - age, time.time() - age))
     return path
 
 
 def test_the_output_lock_takes_over_only_the_locks_of_ended_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "LOCK_HEARTBEAT_S", 0.05)
-    lock = common.OutputLock(tmp_path)
+    monkeypatch.setattr(train_utils, "LOCK_HEARTBEAT_S", 0.05)
+    lock = train_utils.OutputLock(tmp_path)
     lock.start()
     me = json.loads((tmp_path / ".lock").read_text())
     assert (me["host"], me["pid"]) == (socket.gethostname(), os.getpid())
@@ -210,29 +191,29 @@ def test_the_output_lock_takes_over_only_the_locks_of_ended_runs(tmp_path, monke
     assert not (tmp_path / ".lock").exists()
 
     parent = os.getppid()  # alive, and not us
-    live = {**me, "pid": parent, "start": common.process_start(parent)[1]}
+    live = {**me, "pid": parent, "start": train_utils.process_start(parent)[1]}
     write_lock(tmp_path, **live)
-    with pytest.raises(UserError, match=f"is in use by another run: host {me['host']}, pid {parent}, started "):
-        common.OutputLock(tmp_path)
+    with pytest.raises(ValueError, match=f"is in use by another run: host {me['host']}, pid {parent}, started "):
+        train_utils.OutputLock(tmp_path)
     ended = subprocess.Popen(["true"])
     ended.wait()
     for owner in ({**live, "pid": ended.pid}, {**live, "start": "0"}, {**live, "boot": "another boot"},
                   {**me, "host": "other-node"}):  # pid gone, pid reused, host rebooted, another host's stale lock
-        write_lock(tmp_path, age=common.LOCK_STALE_S + 1, **owner)
-        common.OutputLock(tmp_path).release()
+        write_lock(tmp_path, age=train_utils.LOCK_STALE_S + 1, **owner)
+        train_utils.OutputLock(tmp_path).release()
         assert "warning: taking over the lock of host " in capsys.readouterr().err
 
-    monkeypatch.setattr(common, "LOCK_STALE_S", 0.5)
+    monkeypatch.setattr(train_utils, "LOCK_STALE_S", 0.5)
     path = write_lock(tmp_path, **{**me, "host": "other-node"})  # fresh: its owner may be alive on the other node
     t0 = time.time()
-    common.OutputLock(tmp_path).release()  # waited for the heartbeat to stop, then took it over
+    train_utils.OutputLock(tmp_path).release()  # waited for the heartbeat to stop, then took it over
     assert 0.4 < time.time() - t0 < 5 and "waiting up to 0.5 s for its heartbeat to stop" in capsys.readouterr().out
     write_lock(tmp_path, **{**me, "host": "other-node"})
     stop = threading.Event()
-    threading.Thread(target=common.lock_heartbeat, args=(path, stop), daemon=True).start()  # alive over there
+    threading.Thread(target=train_utils.lock_heartbeat, args=(path, stop), daemon=True).start()  # alive over there
     try:
-        with pytest.raises(UserError, match="is in use by another run: host other-node"):
-            common.OutputLock(tmp_path)
+        with pytest.raises(ValueError, match="is in use by another run: host other-node"):
+            train_utils.OutputLock(tmp_path)
     finally:
         stop.set()
 
@@ -263,14 +244,14 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_goes_on(tmp_
             first.kill()
     last = log.read_text().strip().splitlines()[-1]
     assert first.returncode == 75 and last.startswith("stopped: SIGTERM after step "), last
-    assert common.load_checkpoint(out / "checkpoint.pth")["step"] == int(last.split()[4].rstrip(";")) + 1
+    assert train_utils.load_checkpoint(out / "checkpoint.pth")["step"] == int(last.split()[4].rstrip(";")) + 1
     assert not (out / ".lock").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ full disk
 def test_a_full_disk_gives_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    common.save_checkpoint(path, {"step": 1})
+    train_utils.save_checkpoint(path, {"step": 1})
     real_save = torch.save
 
     def disk_full(state, f, *args, **kwargs):
@@ -278,8 +259,8 @@ def test_a_full_disk_gives_one_line_and_leaves_no_partial_file(tmp_path, monkeyp
         f.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(UserError) as error:
-        common.save_checkpoint(path, {"step": 2, "w": torch.zeros(2 ** 20)})
+    with pytest.raises(ValueError) as error:
+        train_utils.save_checkpoint(path, {"step": 2, "w": torch.zeros(2 ** 20)})
     assert re.fullmatch(rf"no space left to write {re.escape(str(path))}: it needs about 4\.0 MiB, [\d.]+ [MG]iB are "
                         r"free \(the write failed after 1\.0 MiB\); free some space or use another --output-dir",
                         str(error.value))
@@ -290,8 +271,8 @@ def test_a_full_disk_gives_one_line_and_leaves_no_partial_file(tmp_path, monkeyp
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     monkeypatch.setattr(torch, "save", unexpected_pos)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=2 ** 30, used=2 ** 30 - 500, free=500))
-    with pytest.raises(UserError, match=r"needs about 4\.0 MiB, 0\.0 MiB are free"):
-        common.save_checkpoint(path, {"w": torch.zeros(2 ** 20)})
+    with pytest.raises(ValueError, match=r"needs about 4\.0 MiB, 0\.0 MiB are free"):
+        train_utils.save_checkpoint(path, {"w": torch.zeros(2 ** 20)})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
     monkeypatch.setattr(torch, "save", real_save)
 
@@ -308,7 +289,7 @@ def test_a_full_disk_stops_training_with_one_line_and_the_restart_cleans_up_firs
     monkeypatch.setattr(torch, "save", third_save_fills_the_disk)
     code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--save-every", "1")
     assert code == 2 and err[-1].startswith(f"error: no space left to write {out / 'checkpoint.pth'}: it needs about ")
-    assert not list(out.glob(".checkpoint*.tmp*")) and common.load_checkpoint(out / "checkpoint.pth")["step"] == 2
+    assert not list(out.glob(".checkpoint*.tmp*")) and train_utils.load_checkpoint(out / "checkpoint.pth")["step"] == 2
     monkeypatch.setattr(torch, "save", real_save)
 
     leftover = out / ".checkpoint.pth.tmp4242"  # a save killed half-way filled the disk
@@ -328,7 +309,7 @@ def test_a_full_disk_stops_training_with_one_line_and_the_restart_cleans_up_firs
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import common, pcae
+import common, pcae, train_utils
 rank, inject, at = int(os.environ["RANK"]), os.environ.get("INJECT", ""), int(os.environ.get("INJECT_AT", 0))
 os.chdir(os.environ.get("RANK_CWD", ".").format(rank=rank))  # per-node output folders
 forward, calls = pcae.PCAE.forward, []
@@ -342,8 +323,17 @@ def injected(self, *args, **kwargs):  # process 1 only: a SIGTERM, or a NaN loss
         loss = loss * float("nan")
     return loss, metrics
 
+load = common.SyntheticShapes.load
+
+def unreadable(self, i):  # process 1 only: images 0..19 cannot be read (a whole stretch of the data)
+    if i < 20:
+        raise OSError(f"unreadable image synthetic:0:{{i}}: injected")
+    return load(self, i)
+
 pcae.PCAE.forward = injected
-common.run_main(pcae.main, pcae.build_parser())
+if rank == 1 and inject == "unreadable":
+    common.SyntheticShapes.load = unreadable
+train_utils.run_main(pcae.main, pcae.build_parser())
 """
 
 
@@ -371,7 +361,7 @@ def test_sigterm_to_one_process_stops_all_after_the_same_step_and_resumes_in_ano
     assert workers[0].strip().splitlines()[-1] == (f"stopped: a stop signal to another process after step 4; "
                                                    f"{ckpt_path} holds it: run the same command to continue")
     assert not any("Traceback" in err for err in workers.values())
-    stopped = common.load_checkpoint(ckpt_path)
+    stopped = train_utils.load_checkpoint(ckpt_path)
     assert (stopped["step"], stopped["samples"]) == (5, 40)  # 2 x 4 x accum 1
     resumed = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2")  # 1 process x 4 x accum 2
     assert_equivalent_runs(reference, resumed)
@@ -412,8 +402,8 @@ def test_a_stale_lock_that_cannot_be_removed_is_one_line_not_a_loop(tmp_path, mo
         return real_unlink(path, *a, **kw)
     monkeypatch.setattr(Path, "unlink", read_only)
     t0 = time.time()
-    with pytest.raises(UserError) as info:
-        common.OutputLock(tmp_path)
+    with pytest.raises(ValueError) as info:
+        train_utils.OutputLock(tmp_path)
     assert time.time() - t0 < 5 and str(info.value) == (
         f"cannot remove the stale lock {lock} of host {me['host']}, pid 999999999, started 2026-12-01 (Read-only file "
         f"system): make {tmp_path} writable, or use another --output-dir")
@@ -423,37 +413,75 @@ def test_a_stale_lock_that_cannot_be_removed_is_one_line_not_a_loop(tmp_path, mo
 @pytest.mark.parametrize("text", ["", "{\"host\": \"some-n"])
 def test_an_empty_or_unreadable_lock_is_stale_once_its_owner_had_time_to_write_it(text, tmp_path, monkeypatch,
                                                                                    capsys):
-    monkeypatch.setattr(common, "LOCK_UNWRITTEN_S", 0.5)
-    path = tmp_path / common.LOCK_FILE
+    monkeypatch.setattr(train_utils, "LOCK_UNWRITTEN_S", 0.5)
+    path = tmp_path / train_utils.LOCK_FILE
     path.write_text(text)  # a run killed between creating the lock and writing its owner into it
     t0 = time.time()
-    lock = common.OutputLock(tmp_path)  # waits up to LOCK_UNWRITTEN_S (not LOCK_STALE_S = 300 s), then takes it
+    lock = train_utils.OutputLock(tmp_path)  # waits up to LOCK_UNWRITTEN_S (not LOCK_STALE_S = 300 s), then takes it
     assert 0.4 < time.time() - t0 < 5
     assert json.loads(path.read_text())["pid"] == os.getpid()  # written at creation
     lock.release()
     path.write_text(text)
     os.utime(path, (time.time() - 1, time.time() - 1))  # already older than LOCK_UNWRITTEN_S: taken at once
     t0 = time.time()
-    common.OutputLock(tmp_path).release()
+    train_utils.OutputLock(tmp_path).release()
     assert time.time() - t0 < 0.3 and "warning: taking over the lock of an " in capsys.readouterr().err
 
 
 def test_a_stop_signal_while_waiting_for_another_hosts_lock_exits_75(tmp_path, monkeypatch):
     write_lock(tmp_path, host="other-node", pid=1, started="2026-12-01")  # fresh: we would wait 300 s
-    monkeypatch.setattr(common, "_stop_signal", [signal.SIGTERM])
-    with pytest.raises(common.Requeue, match="SIGTERM while waiting for the lock of host other-node, pid 1"):
-        common.OutputLock(tmp_path)
+    monkeypatch.setattr(train_utils, "_stop_signal", [signal.SIGTERM])
+    with pytest.raises(train_utils.Requeue, match="SIGTERM while waiting for the lock of host other-node, pid 1"):
+        train_utils.OutputLock(tmp_path)
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_naming_the_copies_to_go_on_from(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     run_inprocess("pcae", out, "", "--keep-every", "1", "--max-steps", "14")  # a copy at the end of epoch 0
-    ckpt = common.load_checkpoint(out / "checkpoint.pth")
+    ckpt = train_utils.load_checkpoint(out / "checkpoint.pth")
     ckpt["model"]["student.blocks.1.mlp.fc1.weight"][3, 3] = float("nan")
-    common.save_checkpoint(out / "checkpoint.pth", ckpt)
+    train_utils.save_checkpoint(out / "checkpoint.pth", ckpt)
     code, err, _ = cli(monkeypatch, capsys, "pcae", out, "")
     assert code == 3 and err == [f"error: {out / 'checkpoint.pth'} holds non-finite weights (1 tensors, e.g. "
-                                 f"student.blocks.1.mlp.fc1.weight) and cannot be continued: start a new run in another "
-                                 f"--output-dir with --resume one of the copies kept there (checkpoint-0001.pth)"]
+                                 f"student.blocks.1.mlp.fc1.weight) and cannot be continued: start a new run in "
+                                 f"another --output-dir with --resume one of the copies kept there "
+                                 f"(checkpoint-0001.pth)"]
     resumed = run_inprocess("pcae", tmp_path / "new", "", "--resume", str(out / "checkpoint-0001.pth"))
     assert resumed["epoch"] == 2  # the advice works: the flag check accepts the copy
+
+
+@pytest.mark.slow
+def test_data_that_one_process_cannot_read_stops_every_process_with_one_line(tmp_path):
+    code, codes, workers = torchrun(tmp_path, argv("pcae", tmp_path / "bad", ""), INJECT="unreadable")
+    assert code == 1 and codes == {0: 2, 1: 2}
+    for err in workers.values():
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: process 1: neither synthetic:0:") and "injected" in last, last
+
+
+# ------------------------------------------------------------------------------------ the epoch line after a resume
+def epoch_lines(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_stop_on_an_epochs_last_step_keeps_that_epochs_loss_and_lr(tmp_path, monkeypatch, capsys):
+    """The checkpoint carries the epoch's running sums, so the line of an epoch that a stop split (here right after
+    its last step) has the loss of all its steps and the lr of its last one, as an uninterrupted run's line."""
+    run_inprocess("pcae", tmp_path / "straight", "")
+    calls, forward = [], importlib.import_module("pcae").PCAE.forward
+
+    def stop_at_the_epochs_last_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # step 11, the last of epoch 0's 12
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(importlib.import_module("pcae").PCAE, "forward", stop_at_the_epochs_last_step)
+    code, _, _ = cli(monkeypatch, capsys, "pcae", tmp_path / "stopped", "")
+    assert code == 75 and train_utils.load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")["step"] == 12
+    assert not (tmp_path / "stopped" / "log.jsonl").exists()  # epoch 0's line waits for the resume
+    monkeypatch.setattr(importlib.import_module("pcae").PCAE, "forward", forward)
+    run_inprocess("pcae", tmp_path / "stopped", "")
+    for straight, resumed in zip(epoch_lines(tmp_path / "straight"), epoch_lines(tmp_path / "stopped"), strict=True):
+        assert (resumed["epoch"], resumed["loss"], resumed["lr"]) == (straight["epoch"], straight["loss"],
+                                                                       straight["lr"])

@@ -6,7 +6,9 @@ import json, math
 import pytest
 import torch
 
-from common import UserError, build_adamw, build_vit, load_checkpoint, patchify, standardize_tokens
+from common import build_adamw, build_vit, patchify, standardize_tokens
+from cli import UserError
+from train_utils import load_checkpoint
 from conftest import step_rng
 import pcae
 from pcae import PCAE, compress_tokens, cosine_loss, kept_count, similarity_scores, token_counts
@@ -219,5 +221,5 @@ def test_bench_pcae_cheaper_than_mae_style(capsys):
                                    ["--drop-after", "a,b"], ["--keep-ratio", "0.1"], ["--decoder-dim", "66"],
                                    ["--momentum", "1.5"]])
 def test_bad_flags_are_user_errors(flags, tmp_path):
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         pcae.main(pcae.build_parser().parse_args(MICRO + flags + ["--output-dir", str(tmp_path)]))

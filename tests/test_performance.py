@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+import train_utils
+from tools import bench
 from conftest import SCRIPTS, argv
 
 BENCH = {  # script -> bench flags on the micro preset
@@ -50,8 +52,8 @@ def test_training_flops_are_about_three_forwards():
     model = semmae.SemMAE(common.build_vit("small", img_size=64), num_parts=1, decoder_dim=128, decoder_depth=2, decoder_heads=4)
     imgs = torch.randn(2, 3, 64, 64)
     rng = common.StepRandom(0, 0, torch.device("cpu"), slice(0, 2), 2)
-    forward = common.count_flops(lambda: model(imgs, rng))
-    train = common.count_flops(lambda: model(imgs, rng)[0].backward())
+    forward = bench.count_flops(lambda: model(imgs, rng))
+    train = bench.count_flops(lambda: model(imgs, rng)[0].backward())
     # backward = 2 x forward, except that no gradient flows into the images (the patch embedding's input)
     assert 2.9 * forward < train < 3.0 * forward
 
@@ -67,7 +69,7 @@ def test_vit_base_forward_flops_count_attention_on_cpu():
     closed_form = 12 * 2 * (12 * n * d * d + 2 * n * n * d) + 2 * 196 * (16 * 16 * 3) * 768
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad():
-        flops = common.count_flops(lambda: vit(torch.zeros(1, 3, 224, 224)))
+        flops = bench.count_flops(lambda: vit(torch.zeros(1, 3, 224, 224)))
         with FlopCounterMode(display=False) as plain:  # torch alone: everything but the attention
             vit(torch.zeros(1, 3, 224, 224))
     assert flops == closed_form == 35_126_120_448
@@ -81,36 +83,33 @@ def test_attention_flops_forward_backward_as_torch_counts_cuda():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
     q, k, v = (torch.randn(2, 3, s, 8, requires_grad=True) for s in (7, 5, 5))
-    forward = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    both = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    forward = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    both = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
     assert (forward, both - forward) == (6_720, 16_800)
     assert both == sdpa_flop_count(q.shape, k.shape, v.shape) + sdpa_backward_flop_count(q.shape, q.shape, k.shape,
                                                                                           v.shape)
     with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # attention as two bmms, counted by torch: no double count
-        assert common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 6_720
+        assert bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 6_720
 
 
-def test_mfu_and_rates_arithmetic(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "device_peak_flops", lambda device: 1e12)
-    dist = common.Dist("cpu")
+def test_mfu_and_rates_arithmetic(tmp_path):
+    dist = train_utils.Dist("cpu")
     dist.world = 2  # two processes of which this is one
-    logger = common.StepLogger(dist, tmp_path)
-    logger.flops_per_image = 1e9
+    logger = train_utils.StepLogger(dist, tmp_path)
+    logger.flops_per_image, logger.peak = 1e9, 1e12
     rates = logger.rates(images=100, data_time=0.25, seconds=1.0)
     assert rates["images_per_s"] == 200  # 100 per process x 2 processes
     assert rates["data_share"] == 0.25
     assert rates["mfu"] == pytest.approx(1e9 * 100 / 1e12)  # per device: its FLOP/s over its peak
-    row = common.bench_report("x", seconds=0.5, batch=10, flops_per_image=2e9, device=torch.device("cpu"))
+    row = bench.bench_report("x", seconds=0.5, batch=10, flops_per_image=2e9, device=torch.device("cpu"))
     assert row["images_per_s"] == 20 and row["ms_per_step"] == 500 and row["gflop_per_image"] == 2
 
 
-def test_device_peak_table(monkeypatch):
-    assert common.device_peak_flops(torch.device("cpu")) is None
-    cuda = torch.device("cuda", 0)
-    for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-                       ("Some Future GPU", None)]:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
-        assert common.device_peak_flops(cuda) == peak  # dense bf16, not the sparse figure
+def test_no_peak_no_mfu(monkeypatch):
+    """MFU only where the device's peak is known: none on CPU, none for a GPU the table does not name."""
+    assert bench.device_peak_flops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert bench.device_peak_flops(torch.device("cuda", 0)) is None
 
 
 # ---------------------------------------------------------------------------------------- no host sync per step
@@ -120,30 +119,31 @@ SYNCING = [(torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu
            (torch.nn.functional, "one_hot")]
 DATA_PIPELINE = {"load", "__getitem__", "__iter__"}  # CPU work of the loader (in worker processes on a real run)
 ALLOWED = {  # project functions that may read a tensor on the host during training, and why that is no device sync
-    "epoch_batches",  # once per epoch: the DataLoader draws its base seed on the CPU
+    "steps",  # once per epoch: the DataLoader draws its base seed on the CPU
     "note_bad",  # the loader's CPU tensor of unreadable-file flags
     "_raise_if_bad",  # the pinned host copy of the previous step's finiteness flag
     "means",  # the log interval / epoch end
+    "agree_stop",  # the epoch end: one agreed stop flag for what no step's flags cover
     "save",  # checkpoint time
 }
 
 
 @contextlib.contextmanager
 def record_host_reads(root, monkeypatch):
-    """While the training loop runs (from the first TrainRun.epoch_batches to TrainRun.finish: not set-up or what
-    follows), record the innermost project function of every call of a syncing tensor method or op."""
+    """While the training loop runs (from the first TrainRun.steps to TrainRun.finish: not set-up or what follows),
+    record the innermost project function of every call of a syncing tensor method or op."""
     calls, training = [], [False]
-    epoch_batches, finish = common.TrainRun.epoch_batches, common.TrainRun.finish
+    steps, finish = train_utils.TrainRun.steps, train_utils.TrainRun.finish
 
     def start(self):
         training[0] = True
-        return epoch_batches(self)
+        return steps(self)
 
     def stop(self):
         training[0] = False
         return finish(self)
-    monkeypatch.setattr(common.TrainRun, "epoch_batches", start)
-    monkeypatch.setattr(common.TrainRun, "finish", stop)
+    monkeypatch.setattr(train_utils.TrainRun, "steps", start)
+    monkeypatch.setattr(train_utils.TrainRun, "finish", stop)
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -180,20 +180,20 @@ def test_compile_runs_and_keeps_checkpoint_keys_clean(name, tmp_path, parts_file
     torch._dynamo.reset()
     module = importlib.import_module(SCRIPTS[name][0])
     module.main(module.build_parser().parse_args(argv(name, tmp_path, parts_file, "--compile", "--max-steps", "2")))
-    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt = train_utils.load_checkpoint(tmp_path / "checkpoint.pth")
     assert ckpt["step"] == 2
     assert not [k for k in [*ckpt["model"], *ckpt["encoder"]] if "_orig_mod" in k or k.startswith("module.")]
-    assert common.load_vit(tmp_path / "checkpoint.pth").config["embed_dim"] == 64
+    assert train_utils.load_vit(tmp_path / "checkpoint.pth").config["embed_dim"] == 64
 
 
 # ------------------------------------------------------------------------------------------------ loader bench
 def test_loader_benchmark_on_generated_jpegs(tmp_path, capsys):
-    common.make_jpeg_folder(tmp_path, 12)
+    bench.make_jpeg_folder(tmp_path, 12)
     files = sorted(tmp_path.glob("*/*.jpg"))
     assert len(files) == 12 and all(f.stat().st_size > 20_000 for f in files)  # real-sized JPEGs, not thumbnails
     from PIL import Image
     with Image.open(files[0]) as img:
         assert 400 <= img.size[0] < 600 and 300 <= img.size[1] < 450
-    common.bench_loader(tmp_path, workers=(0,), batch=4, size=64, batches=2)
+    bench.bench_loader(tmp_path, workers=(0,), batch=4, size=64, batches=2)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("workers=0 images_per_s=") and float(line.split("=")[2].split()[0]) > 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import train_utils
 from conftest import (SCRIPTS, argv, assert_equivalent_runs, assert_same_state, run_inprocess, script_cmd,
                       subprocess_env)
 
@@ -28,13 +29,13 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(name, tmp_path, part
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt, deadline = out / "checkpoint.pth", time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill once the run is a few steps into epoch 0
-        if ckpt.exists() and common.load_checkpoint(ckpt)["step"] >= 3:
+        if ckpt.exists() and train_utils.load_checkpoint(ckpt)["step"] >= 3:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed = common.load_checkpoint(ckpt)
+    killed = train_utils.load_checkpoint(ckpt)
     assert 3 <= killed["step"] < reference["step"]  # a mid-run checkpoint, not the final one
 
     resumed = run_inprocess(name, out, parts_file, "--save-every", "1")  # the same command again
@@ -53,13 +54,13 @@ def test_two_processes_equal_one_process_with_double_batch(name, tmp_path, parts
            *script_cmd(name), *argv(name, tmp_path / "ddp", parts_file, *steps, "--batch-size", "4")]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    ddp = common.load_checkpoint(tmp_path / "ddp" / "checkpoint.pth")
+    ddp = train_utils.load_checkpoint(tmp_path / "ddp" / "checkpoint.pth")
     assert one["step"] == ddp["step"] == accum["step"] == 3
     assert_equivalent_runs(one, ddp)
     assert_equivalent_runs(one, accum)
     if name == "semmae-parts":  # stage A's part ids are computed by both processes and gathered
-        assert torch.equal(common.load_checkpoint(tmp_path / "one" / "parts.pt")["part_ids"],
-                           common.load_checkpoint(tmp_path / "ddp" / "parts.pt")["part_ids"])
+        assert torch.equal(train_utils.load_checkpoint(tmp_path / "one" / "parts.pt")["part_ids"],
+                           train_utils.load_checkpoint(tmp_path / "ddp" / "parts.pt")["part_ids"])
 
 
 # ------------------------------------------------------------------------------------------------ non-finite loss
@@ -82,13 +83,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(sys, "argv", ["prog", *argv(name, tmp_path, parts_file, "--save-every", "1")])
     mod = importlib.import_module(module)
     with pytest.raises(SystemExit) as exit_info:
-        common.run_main(mod.main, mod.build_parser())
+        train_utils.run_main(mod.main, mod.build_parser())
     assert exit_info.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: non-finite loss at step 2; training stopped, the checkpoint on disk is the last good "
                        "one")
     assert len(calls) == 3  # stopped at once: no fourth step
-    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt = train_utils.load_checkpoint(tmp_path / "checkpoint.pth")
     assert ckpt["step"] == 2  # written after steps 0 and 1, never after the NaN step
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -102,7 +103,7 @@ def test_non_finite_loss_exit_code_from_the_command_line(tmp_path, root):
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite") and "training stopped" in last
-    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt = train_utils.load_checkpoint(tmp_path / "checkpoint.pth")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
@@ -121,7 +122,7 @@ def cli_error(monkeypatch, capsys, module, args):
     mod = importlib.import_module(module)
     monkeypatch.setattr(sys, "argv", ["prog", *args])
     with pytest.raises(SystemExit) as exit_info:
-        common.run_main(mod.main, mod.build_parser())
+        train_utils.run_main(mod.main, mod.build_parser())
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -132,8 +133,8 @@ def bad_input_cases(tmp):
     (tmp / "noclasses" / "train").mkdir(parents=True)
     (tmp / "notes.txt").write_text("not a checkpoint")
     other = tmp / "other.pth"  # a checkpoint of another architecture (a tiny ViT, not micro)
-    common.save_checkpoint(other, {"model": {}, "optimizer": {}, "method": "pcae", "epoch": 0, "chunk": 0, "step": 0,
-                                   **common.encoder_export(common.build_vit("tiny", img_size=32), "pcae")})
+    train_utils.save_checkpoint(other, {"model": {}, "optimizer": {}, "method": "pcae", "epoch": 0, "samples": 0, "step": 0,
+                                   **train_utils.encoder_export(common.build_vit("tiny", img_size=32), "pcae")})
     blocker = tmp / "file"
     blocker.write_text("x")
     good = make_folder(tmp / "good")

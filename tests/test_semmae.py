@@ -9,8 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import semmae
-from common import (StepRandom, UserError, build_adamw, build_dataset, build_vit, denormalize, encoder_export,
-                    load_checkpoint, save_checkpoint)
+from common import StepRandom, build_adamw, build_dataset, build_vit
+from figures import denormalize
+from cli import UserError
+from train_utils import encoder_export, load_checkpoint, save_checkpoint
 from conftest import step_rng
 
 TINY = ["--model", "micro", "--input-size", "32", "--num-workers", "0", "--batch-size", "8", "--synthetic-size", "16",
@@ -311,9 +313,9 @@ def test_stage_a_writes_parts_that_stage_b_reads(tmp_path):
     assert Image.open(vis).size == (5 * 129 + 1, 4 * 129 + 1)  # 4 images x (image, parts, 3 masks), 32 px x4, 1 px pad
 
     # a parts file of another dataset is refused with one clear line
-    with pytest.raises(UserError, match="parts for 16 images but the dataset has 24"):
+    with pytest.raises(ValueError, match="parts for 16 images but the dataset has 24"):
         semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "1", *common, "--synthetic-size", "24"]))
-    with pytest.raises(UserError, match="does not match the dataset"):
+    with pytest.raises(ValueError, match="does not match the dataset"):
         semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "1", *common, "--seed", "1"]))
 
 
@@ -338,9 +340,9 @@ def test_stage_b_steps_lower_loss():
 
 def test_bad_flags():
     parse = semmae.build_parser().parse_args
-    with pytest.raises(UserError, match="mask-ratio"):
-        semmae.main(parse(["pretrain", "--data", "synthetic", "--mask-ratio", "1.0"]))
-    with pytest.raises(UserError, match="needs --parts"):
+    with pytest.raises(ValueError, match="mask-ratio"):
+        semmae.main(parse(["pretrain", "--data", "synthetic", "--masking", "random", "--mask-ratio", "1.0"]))
+    with pytest.raises(ValueError, match="needs --parts"):
         semmae.main(parse(["pretrain", "--data", "synthetic"]))
     with pytest.raises(SystemExit):
         parse(["parts", "--data", "synthetic"])  # --teacher is required

@@ -12,7 +12,7 @@ Parts:
   checkpoint keys must be clean; then --bench --compile for every step.
 - bench: --bench (eager) for every training step at the papers' per-GPU batch (or --bench-batch): images/s, MFU
   against the device's dense bf16 peak, peak memory.
-- loader: `common.py bench-loader` (JPEG decode + RandomResizedCrop + flip) with 1, 8 and 16 workers.
+- loader: `tools/bench.py bench-loader` (JPEG decode + RandomResizedCrop + flip) with 1, 8 and 16 workers.
 Writes OUT/gpu_check.log (every command and its output), OUT/results.json and OUT/summary.md (OUT: --out, else $OUT,
 else gpu_check_out). Exit code 0 when every check passed, 1 otherwise.
 """
@@ -92,13 +92,14 @@ class Checker:
     def write_parts_file(self):
         """Random part ids for the synthetic training images at the patch grid of the model (4 parts)."""
         import torch
-        import common
+        import train_utils
         grid = self.size // (8 if self.args.quick else 16)
         n = int(self.data[self.data.index("--synthetic-size") + 1])
         path = self.out / "parts.pt"
         ids = torch.randint(4, (n, grid, grid), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
-        common.save_checkpoint(path, {"method": "semmae-parts", "part_ids": ids, "grid": [grid, grid], "num_parts": 4,
-                                      "paths": [f"synthetic:0:{i}" for i in range(n)], "image_size": self.size})
+        train_utils.save_checkpoint(path, {"method": "semmae-parts", "part_ids": ids, "grid": [grid, grid],
+                                           "num_parts": 4, "paths": [f"synthetic:0:{i}" for i in range(n)],
+                                           "image_size": self.size})
         return path
 
     @staticmethod
@@ -106,7 +107,7 @@ class Checker:
         return [float(m) for m in re.findall(r"^step \d+/\d+ .*?\bloss=([-+0-9.eE]+|nan|inf)", output, re.M)]
 
     def smoke(self):
-        import common
+        import train_utils
         parts = self.write_parts_file()
         steps = self.args.steps
         for name, script in self.training_modes(parts).items():
@@ -136,9 +137,9 @@ class Checker:
             if proc.returncode != 75:  # -15: the signal came after the run (too fast for --steps) or before run_main
                 self.fail(f"smoke {name}: SIGTERM gave exit {proc.returncode}, expected 75 (raise --steps if the run "
                           f"had already ended)")
-            stopped_at = common.load_checkpoint(ckpt)["step"] if ckpt.exists() else None
+            stopped_at = train_utils.load_checkpoint(ckpt)["step"] if ckpt.exists() else None
             rc, second = self.run(cmd)  # the same command again: resumes and finishes
-            final = common.load_checkpoint(ckpt) if ckpt.exists() else {}
+            final = train_utils.load_checkpoint(ckpt) if ckpt.exists() else {}
             losses = self.step_losses(first) + self.step_losses(second)
             row.update(stopped_at=stopped_at, resumed=f"resumed from {ckpt}" in second, final_step=final.get("step"),
                        exit=rc, first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
@@ -160,7 +161,7 @@ class Checker:
 
     # ---------------------------------------------------------------------------------------------- compile
     def compile(self):
-        import common
+        import train_utils
         for name, script in self.training_modes(self.write_parts_file()).items():
             if name == "semmae-parts":
                 continue
@@ -174,7 +175,7 @@ class Checker:
                 losses[mode] = self.step_losses(out)
                 if rc != 0:
                     self.fail(f"compile {name} {mode}: exit {rc}")
-            ckpt = common.load_checkpoint(self.out / f"compile-{name}-compile" / "checkpoint.pth")
+            ckpt = train_utils.load_checkpoint(self.out / f"compile-{name}-compile" / "checkpoint.pth")
             dirty = [k for k in [*ckpt["model"], *ckpt["encoder"]] if "_orig_mod" in k or k.startswith("module.")]
             pairs = list(zip(losses["eager"], losses["compile"]))
             worst = max((abs(a - b) / max(abs(a), 1e-6) for a, b in pairs), default=None)
@@ -210,7 +211,7 @@ class Checker:
     # ----------------------------------------------------------------------------------------------- loader
     def loader(self):
         workers = "0,1" if self.args.quick else self.args.workers
-        rc, out = self.run(["common.py", "bench-loader", "--images", "64" if self.args.quick else "2048",
+        rc, out = self.run(["tools/bench.py", "bench-loader", "--images", "64" if self.args.quick else "2048",
                             "--workers", workers, "--batch-size", "16" if self.args.quick else "256"], timeout=900)
         if rc != 0:
             self.fail(f"loader: exit {rc}")
