@@ -7,10 +7,10 @@ patch features; this is that read-out, for any checkpoint that common.load_vit r
 
 Features. x_l[i] is token i after block l (0 = cls, 1..N = patches) and LN_g,b the encoder's final LayerNorm with its
 trained affine (g, b). A patch's feature is LN_g,b(x_l[i]), l = --layer (default: the last block), i.e. for the last
-block exactly the encoder's output token (ViT.forward), which the three methods' losses and eval_probe's `mean` pool
-read. Why after the norm: LayerNorm removes each token's mean and scale, which drift with depth and are dominated by
-a few large residual channels, so that what is clustered is the token's direction, which is also what the cosine of
-spherical k-means compares. For an intermediate --layer the same final norm is applied (its per-token centring and
+block exactly the encoder's output token (ViT.forward), which eval_probe's `mean` pool averages. Why after the norm:
+LayerNorm removes each token's mean and scale, which drift with depth and are dominated by a few large residual
+channels, so that what is clustered is the token's direction, which is also what the cosine of spherical k-means
+compares. For an intermediate --layer the same final norm is applied (its per-token centring and
 scaling matter here; its affine was trained for the last block's tokens). The cls token is not clustered.
 
 Clustering (`spherical_kmeans`): k-means on the L2-normalised features, with k-means++ seeding (seeded by --seed) and

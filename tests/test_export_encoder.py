@@ -15,10 +15,11 @@ spec.loader.exec_module(export_encoder)
 
 
 def mae_keys(D=768, depth=12, patch=16, grid=14):
-    """MAE's mae_pretrain_vit_base.pth (the defaults: ViT-B/16 at 224 px): {'model': {...}} with the encoder only (MAE's issues #3 / #8: the decoder is
-    in the separate *_full.pth files), i.e. the ViT-B/16 keys of timm's VisionTransformer without its head (MAE's
-    main_finetune.py loads it into that model and asserts that only head (and fc_norm) are missing), in timm's
-    state_dict order: the model's own parameters (cls_token, pos_embed), then patch_embed, blocks, norm."""
+    """The keys and shapes of MAE's mae_pretrain_vit_base.pth (the defaults: ViT-B/16 at 224 px), in order. The file
+    is {'model': {...}} with the encoder only (MAE's issues #3 / #8: the decoder is in the separate *_full.pth files):
+    the keys of timm's VisionTransformer without its head (MAE's main_finetune.py loads it into that model and asserts
+    that only head, and fc_norm with global pooling, are missing), in timm's state_dict order: the model's own
+    parameters (cls_token, pos_embed), then patch_embed, blocks, norm. Other sizes: the same names and rules."""
     keys = [("cls_token", [1, 1, D]), ("pos_embed", [1, 1 + grid * grid, D]),  # ViT-B/16: 197 = 1 + (224 / 16)^2
             ("patch_embed.proj.weight", [D, 3, patch, patch]), ("patch_embed.proj.bias", [D])]
     for i in range(depth):

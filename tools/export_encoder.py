@@ -8,8 +8,9 @@ token, no head), with timm's VisionTransformer names in the order of its state_d
 
     cls_token [1, 1, D], pos_embed [1, 197, D] (the fixed 2-D sin-cos table, cls row zero),
     patch_embed.proj.weight [D, 3, 16, 16], patch_embed.proj.bias [D],
-    blocks.{0..11}.norm1.weight / .bias [D], .attn.qkv.weight [3D, D] / .bias [3D], .attn.proj.weight [D, D] / .bias [D],
-                   .norm2.weight / .bias [D], .mlp.fc1.weight [4D, D] / .bias [4D], .mlp.fc2.weight [D, 4D] / .bias [D],
+    blocks.{0..11}.norm1.weight / .bias [D], .attn.qkv.weight [3D, D] / .bias [3D], .attn.proj.weight [D, D],
+                   .attn.proj.bias [D], .norm2.weight / .bias [D], .mlp.fc1.weight [4D, D] / .bias [4D],
+                   .mlp.fc2.weight [D, 4D] / .bias [D],
     norm.weight, norm.bias [D]                                                          (150 tensors, all float32)
 
 Our ViT uses these names (common.ViT), so the export is the encoder's state dict in float32 under 'model'. The input is
@@ -47,9 +48,9 @@ def main(args):
     vit = export(args.ckpt, args.out, args.num_heads)
     c = vit.config
     numbers = sum(v.numel() for v in vit.state_dict().values())
-    print(f"wrote {args.out}: ViT width {c['embed_dim']}, depth {c['depth']}, {c['img_size']} px in {c['patch_size']} px "
-          f"patches, {len(vit.state_dict())} tensors, {numbers / 1e6:.2f} M numbers, in MAE's layout {{'model': ...}}",
-          flush=True)
+    print(f"wrote {args.out}: ViT width {c['embed_dim']}, depth {c['depth']}, {c['img_size']} px in "
+          f"{c['patch_size']} px patches, {len(vit.state_dict())} tensors, {numbers / 1e6:.2f} M numbers, in MAE's "
+          f"layout {{'model': ...}}", flush=True)
     if c["img_size"] != MAE_PRETRAIN_SIZE:
         grid = c["img_size"] // c["patch_size"]
         print(f"note: pos_embed is a {grid}x{grid} grid ({c['img_size']} px); MAE's is 14x14 (224 px): for ViTDet set "
