@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import ArgumentParser, UserError, load_vit, pick_device, read_image, run_main
+from cli import ArgumentParser, UserError
+from common import read_image
+from train_utils import load_vit, pick_device, run_main
 
 # DINO's colour normalisation for this protocol (eval_video_segmentation.py): ImageNet's mean and std, except that
 # its red std is 0.228 (ImageNet's is 0.229); kept as DINO has it, since the papers' numbers come from that script.

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from common import UserError, build_vit, encoder_export, save_checkpoint
+from common import build_vit
+from train_utils import encoder_export, save_checkpoint
 import eval_maps
 from eval_maps import PALETTE, colour_map, kmeans_pp_init, renumber_by_first_appearance, spherical_kmeans
 
@@ -139,7 +140,7 @@ def test_figure_size_and_map_column(tmp_path, micro_ckpt, per_dataset):
     (["--images", "0"], "--images, --iters and --synthetic-size must be at least 1"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, micro_ckpt, flags, message):
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ValueError) as err:
         run(micro_ckpt, tmp_path / "maps.png", *flags)
     assert str(err.value) == message and "\n" not in str(err.value)
     assert not (tmp_path / "maps.png").exists()

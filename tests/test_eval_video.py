@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import train_utils
 import eval_video as ev
 from conftest import run_inprocess
 
@@ -168,7 +169,7 @@ def test_frame_size_follows_dino():
     assert ev.dino_frame_size(854, 480, 480, 16) == (832, 480)  # portrait
     assert ev.dino_frame_size(480, 854, 480, 14) == (476, 826)  # then multiples of the patch
     assert ev.dino_frame_size(64, 128, 64, 8) == (64, 128)
-    with pytest.raises(common.UserError, match="smaller than one"):
+    with pytest.raises(ValueError, match="smaller than one"):
         ev.dino_frame_size(64, 96, 8, 16)
 
 
@@ -218,7 +219,7 @@ def synthetic(tmp_path_factory):
 
 def random_checkpoint(path):
     torch.manual_seed(0)
-    common.save_checkpoint(path, common.encoder_export(common.build_vit("micro", img_size=32), "random-init"))
+    train_utils.save_checkpoint(path, train_utils.encoder_export(common.build_vit("micro", img_size=32), "random-init"))
     return path
 
 
@@ -255,7 +256,7 @@ def test_whole_evaluation_outputs(synthetic, tmp_path, capsys):
 def run_cli(argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["eval_video.py", *argv])
     with pytest.raises(SystemExit) as e:
-        common.run_main(ev.main, ev.build_parser())
+        train_utils.run_main(ev.main, ev.build_parser())
     err = capsys.readouterr().err.strip()
     return e.value.code, err
 

@@ -1,12 +1,13 @@
 """tools/export_encoder.py: the exported file has exactly the keys (in order), shapes and dtype of MAE's released
 ViT-B/16 pretrain checkpoint, mae_pretrain_vit_base.pth, written out below from outside facts (timm's
-VisionTransformer names, MAE's models_mae.py and main_finetune.py), and it reads back through common.load_vit."""
+VisionTransformer names, MAE's models_mae.py and main_finetune.py), and it reads back through train_utils.load_vit."""
 import importlib.util
 
 import pytest
 import torch
 
-from common import UserError, build_vit, encoder_export, load_checkpoint, load_vit, save_checkpoint
+from common import build_vit
+from train_utils import encoder_export, load_checkpoint, load_vit, save_checkpoint
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("export_encoder", ROOT / "tools" / "export_encoder.py")
@@ -71,11 +72,11 @@ def test_any_checkpoint_load_vit_reads_is_exported(tmp_path):
 
 def test_errors_are_one_line(tmp_path):
     parse = export_encoder.build_parser().parse_args
-    with pytest.raises(UserError, match="checkpoint not found"):
+    with pytest.raises(ValueError, match="checkpoint not found"):
         export_encoder.main(parse(["--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o.pth")]))
     save_checkpoint(tmp_path / "c.pth", encoder_export(build_vit("micro", img_size=32), "pcae"))
-    with pytest.raises(UserError, match="--out must not be the input checkpoint"):
+    with pytest.raises(ValueError, match="--out must not be the input checkpoint"):
         export_encoder.main(parse(["--ckpt", str(tmp_path / "c.pth"), "--out", str(tmp_path / "c.pth")]))
     save_checkpoint(tmp_path / "none.pth", {"model": {"decoder.weight": torch.zeros(3)}})
-    with pytest.raises(UserError, match="contains no ViT encoder"):
+    with pytest.raises(ValueError, match="contains no ViT encoder"):
         export_encoder.main(parse(["--ckpt", str(tmp_path / "none.pth"), "--out", str(tmp_path / "o.pth")]))
