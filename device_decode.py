@@ -10,8 +10,8 @@ the CPU. The CPU path (common.SeededDataset with the same transform) stays the r
   flip object itself on a 2-pixel image), so each sample gets the box and flip that the CPU path gives it;
 - the same pixel kernels: the decoded uint8 image goes through torchvision.transforms.v2.functional's resized_crop
   (bicubic, antialias) and horizontal_flip, then the transform's own ToDtype / Normalize; on the CPU libjpeg-turbo
-  decodes as Pillow does, so the device path is bit-identical to the CPU path there; nvJPEG differs from libjpeg by a
-  few grey levels (its IDCT and chroma upsampling);
+  decodes as Pillow does, so the device path is bit-identical to the CPU path there; nvJPEG's IDCT and chroma
+  upsampling may differ from libjpeg's by small amounts (bench_decode prints the difference on the device);
 - the same handling of bad files: anything that is not a plain baseline-or-progressive JPEG in L or RGB ending with
   its EOI marker (PNG, BMP, CMYK JPEGs, truncated files, FIFOs, unreadable headers) is finished in the worker by the
   CPU path itself (same seed: bit-identical, with its replacement within the class, `bad` index and DataError);
@@ -22,7 +22,7 @@ after drawing the crop and flip (it travels in the payload): the same draws as t
 function of (seed, sample), and bit-identical to the CPU path when the device is the CPU.
 SemMAE's part ids (semmae.joint_transform) are computed in the worker from the box it drew: the map is tiny.
 """
-import contextlib, io, os, stat, statistics, time, warnings
+import contextlib, io, itertools, os, stat, statistics, warnings
 
 import torch
 import torch.nn.functional as F
@@ -292,13 +292,20 @@ class DeviceDecoder:
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
+def drain(it, count):
+    """Take `count` items of an iterator, keeping none (a benchmark's memory is that of one batch at a time)."""
+    for _ in range(count):
+        next(it)
+
+
 def bench_decode(root, workers=(1, 2), batch=64, size=224, device="cpu", batches=8, repeats=3):
-    """images/s of the CPU path (SeededDataset: decode + crop + flip + normalise in the workers) and of the device
-    path (the workers read bytes and draw; the decoder decodes, crops and normalises on `device`) per worker count,
-    the paths run alternately, `repeats` times, the first batch of each loader untimed; then the decoder alone on
-    payloads read in advance ('decoder' rows, workers=0), and on CUDA the peak memory that torch allocated for the
-    decode in GiB (nvJPEG's own buffers are not counted); the mean and max |device - cpu| of one batch (normalised
-    units: 0 on the CPU, nvJPEG's difference on CUDA). One line per measurement, then the medians."""
+    """images/s of the CPU path (SeededDataset: decode + crop + flip + normalise in the workers), of the device
+    path (the workers read bytes and draw; the decoder decodes, crops and normalises on `device`) and of its workers
+    alone ('payload': what they can feed a decoder), per worker count, the paths alternating, `repeats` times, the
+    first batch of each loader untimed; then the decoder alone on payloads read in advance ('decoder', workers=0),
+    with on CUDA the peak memory torch allocated while decoding one batch after another, in GiB (nvJPEG's own
+    buffers are not counted); and the mean and max |device - cpu| over one batch (normalised units: 0 on the CPU,
+    nvJPEG's difference on CUDA). One line per measurement, then the medians."""
     device = torch.device(device)
     folder = ImageFolder(root)
     cpu = SeededDataset(folder, image_transform(pretrain_transform(size)))
@@ -310,27 +317,29 @@ def bench_decode(root, workers=(1, 2), batch=64, size=224, device="cpu", batches
 
     def rate(path, n):
         loader = make_loader(cpu if path == "cpu" else dataset, batch, n, ResumableSampler(len(folder), batch))
-        it = iter(loader) if path == "cpu" else decoder.batches(iter(loader))
+        it = decoder.batches(iter(loader)) if path == "device" else iter(loader)
         next(it)  # start-up (worker processes, first batch) not timed
-        seconds, _ = timed(lambda: [next(it) for _ in range(count)], device)
+        seconds, _ = timed(lambda: drain(it, count), device)
         del it, loader
         return count * batch / seconds
 
+    print(f"bench_decode: {len(folder)} images, {count} timed batches of {batch} per loader, torch threads "
+          f"{torch.get_num_threads()} in this process (the decoder's CPU work runs here)", flush=True)
     rows = {}
     for r in range(repeats):
         for n in workers:
-            for path in ("cpu", "device"):
+            for path in ("cpu", "device", "payload"):
                 rows.setdefault((path, n), []).append(rate(path, n))
                 print(f"repeat={r} path={path} workers={n} batch={batch} size={size} device={device} "
                       f"images_per_s={rows[path, n][-1]:.1f}", flush=True)
-    payloads = list(make_loader(dataset, batch, 0, ResumableSampler(len(folder), batch)))[:count + 1]
+    payloads = list(itertools.islice(make_loader(dataset, batch, 0, ResumableSampler(len(folder), batch)), count + 1))
     first = decoder(payloads[0])[0].cpu()  # also the warm-up (nvJPEG's set-up on CUDA)
     keys = zip(payloads[0]["index"].tolist(), payloads[0]["seed"].tolist())
     diff = (first - torch.stack([cpu[key][0] for key in keys])).abs()  # against the CPU path, normalised units
     print(f"difference device-cpu batch={batch} mean_abs={diff.mean():.4g} max_abs={diff.max():.4g}", flush=True)
     memory = None
     for r in range(repeats):
-        seconds, memory = timed(lambda: [decoder(p) for p in payloads[1:]], device)
+        seconds, memory = timed(lambda: drain(map(decoder, payloads[1:]), count), device)
         rows.setdefault(("decoder", 0), []).append(count * batch / seconds)
         print(f"repeat={r} path=decoder workers=0 batch={batch} size={size} device={device} "
               f"images_per_s={rows['decoder', 0][-1]:.1f}" + (f" peak_mem_gib={memory:.3f}" if memory else ""),

@@ -1,4 +1,4 @@
-"""--decode device against the CPU path (common.SeededDataset with the same transform), on the CPU, where the device
+"""--decode device against the CPU path (SeededDataset with the same transform), on the CPU, where the device
 path runs the same code as on a GPU: the same crop boxes and flips for the same seeds (against a hand-written copy
 of torchvision's documented draw and through the CPU transforms themselves), the same pixels on JPEGs (libjpeg-turbo
 decodes as Pillow does), odd files (PNG, CMYK, grayscale, progressive, truncated, a corrupt body, a FIFO), SemMAE's
@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import common
 import device_decode as dd
 import eval_probe
 import semmae
-from common import DataError, ImageFolder, ResumableSampler, SeededDataset, UserError
+from common import (DataError, ImageFolder, ResumableSampler, SeededDataset, SyntheticShapes, UserError, eval_transform,
+                    image_transform, make_jpeg_folder, make_loader, pretrain_transform)
 
 SIZE = 32
 
@@ -74,12 +74,12 @@ def make_odd_folder(root):
 
 def cpu_batches(dataset, batch, workers=0, seed=0):
     sampler = ResumableSampler(len(dataset), batch, seed=seed)
-    return list(common.make_loader(dataset, batch, workers, sampler))
+    return list(make_loader(dataset, batch, workers, sampler))
 
 
 def device_batches(dataset, batch, workers=0, seed=0):
     sampler = ResumableSampler(len(dataset), batch, seed=seed)
-    loader = common.make_loader(dataset, batch, workers, sampler)
+    loader = make_loader(dataset, batch, workers, sampler)
     return list(dd.DeviceDecoder(dataset, "cpu").batches(iter(loader)))
 
 
@@ -115,8 +115,8 @@ def rrc_box_by_hand(height, width, scale, ratio):
 # ------------------------------------------------------------------------------------------ boxes and flips
 @pytest.mark.parametrize("height,width", [(375, 500), (61, 47), (20, 400), (400, 20)])  # last two: centre fallback
 def test_boxes_and_flips_are_the_cpu_transforms(height, width):
-    geometry = dd.Geometry(common.pretrain_transform(SIZE))
-    cpu = common.pretrain_transform(SIZE)
+    geometry = dd.Geometry(pretrain_transform(SIZE))
+    cpu = pretrain_transform(SIZE)
     img = torch.randint(256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     flips = 0
     for seed in range(40):
@@ -153,15 +153,15 @@ def test_tf_crop_box_through_the_probe_transform():
 def test_jpeg_folder_same_pixels_shapes_and_dtypes_as_the_cpu_path(tmp_path):
     """libjpeg-turbo decodes as Pillow does (checked first: if it did not, the bound below would not hold), and the
     crop, resize, flip and normalisation are the CPU path's kernels, so the bound on the difference is 0."""
-    common.make_jpeg_folder(tmp_path, 24)
+    make_jpeg_folder(tmp_path, 24)
     folder = ImageFolder(tmp_path)
-    transform = common.pretrain_transform(SIZE)
+    transform = pretrain_transform(SIZE)
     decoder = dd.DeviceDecoder(dd.DecodeDataset(folder, transform), "cpu")
     for i in range(3):
         pil = torch.from_numpy(np.array(folder.load(i)[0])).permute(2, 0, 1)
         with open(folder.path(i), "rb") as f:
             assert torch.equal(decoder.decode([dd.tensor_of_bytes(f.read())])[0], pil)
-    cpu = SeededDataset(folder, common.image_transform(transform))
+    cpu = SeededDataset(folder, image_transform(transform))
     expected, got = cpu_batches(cpu, 8), device_batches(dd.DecodeDataset(folder, transform), 8)
     difference = torch.cat([(a[0] - b[0]).abs().flatten() for a, b in zip(expected, got)]).mean()
     print(f"mean |device - cpu| = {difference.item()} (normalised units)")
@@ -175,12 +175,12 @@ def test_odd_files_decode_and_the_corrupt_ones_are_replaced_as_on_the_cpu_path(t
     cases = make_odd_folder(tmp_path)
     folder = ImageFolder(tmp_path)
     index = {case: folder.samples.index((str(tmp_path / "a" / name), 0)) for case, name in cases.items()}
-    transform = common.pretrain_transform(SIZE)
+    transform = pretrain_transform(SIZE)
     dataset = dd.DecodeDataset(folder, transform)
     on_device = {case: bool(dataset[(i, 7)]["jpeg"]) for case, i in index.items()}
     assert on_device == {"plain0": True, "plain1": True, "png": False, "cmyk": False, "gray": True,
                          "progressive": True, "truncated": False, "corrupt_body": True, "plain2": True}
-    expected = cpu_batches(SeededDataset(folder, common.image_transform(transform)), len(folder))
+    expected = cpu_batches(SeededDataset(folder, image_transform(transform)), len(folder))
     got = device_batches(dataset, len(folder))
     assert_same_batches(expected, got)
     bad = got[0][-1]
@@ -195,7 +195,7 @@ def test_a_file_turned_fifo_is_refused_without_waiting(tmp_path):
     os.mkfifo(folder.path(victim))  # after the scan: a reader that waited for a writer would hang the loader
     signal.alarm(60)
     try:
-        payload = dd.DecodeDataset(folder, common.pretrain_transform(SIZE))[(victim, 3)]
+        payload = dd.DecodeDataset(folder, pretrain_transform(SIZE))[(victim, 3)]
     finally:
         signal.alarm(0)
     assert payload["bad"] == victim and payload["jpeg"] == b""
@@ -209,9 +209,9 @@ def test_an_unreadable_class_stops_both_paths_with_the_same_error(tmp_path):
         (tmp_path / "a" / f"{k}.jpg").write_bytes(data[:len(data) // 2])
         (tmp_path / "b" / f"{k}.jpg").write_bytes(data)
     folder = ImageFolder(tmp_path)
-    transform = common.pretrain_transform(SIZE)
+    transform = pretrain_transform(SIZE)
     with pytest.raises(DataError) as on_cpu:
-        SeededDataset(folder, common.image_transform(transform))[(0, 5)]
+        SeededDataset(folder, image_transform(transform))[(0, 5)]
     with pytest.raises(DataError) as on_device:
         dd.DecodeDataset(folder, transform)[(0, 5)]
     assert str(on_device.value) == str(on_cpu.value) and "none of the 2 images" in str(on_cpu.value)
@@ -223,7 +223,7 @@ def test_semmae_part_ids_and_images_equal_the_joint_transforms(tmp_path):
     folder = ImageFolder(tmp_path)
     ids = torch.randint(3, (len(folder), 4, 4), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     cpu = SeededDataset(semmae.WithParts(folder, ids), semmae.joint_transform(SIZE, 8, 3))
-    dataset = dd.DecodeDataset(folder, common.pretrain_transform(SIZE), cpu, parts=(ids, 8, 3))
+    dataset = dd.DecodeDataset(folder, pretrain_transform(SIZE), cpu, parts=(ids, 8, 3))
     expected, got = cpu_batches(cpu, 7), device_batches(dataset, 7)
     assert_same_batches(expected, got)
     assert got[0][1].shape == (7, (SIZE // 8) ** 2) and len(set(got[0][1].flatten().tolist())) > 1
@@ -231,7 +231,7 @@ def test_semmae_part_ids_and_images_equal_the_joint_transforms(tmp_path):
 
 @pytest.mark.parametrize("reprob", [0.25, 1.0])
 def test_finetune_transform_is_the_cpu_paths_and_leaves_the_generator_alone(tmp_path, reprob):
-    common.make_jpeg_folder(tmp_path, 16)
+    make_jpeg_folder(tmp_path, 16)
     folder = ImageFolder(tmp_path)
     transform = eval_probe.finetune_train_transform(SIZE, reprob=reprob)
     dataset = dd.DecodeDataset(folder, transform)
@@ -240,7 +240,7 @@ def test_finetune_transform_is_the_cpu_paths_and_leaves_the_generator_alone(tmp_
     state = torch.get_rng_state()
     got = device_batches(dataset, 8)
     assert torch.equal(torch.get_rng_state(), state)  # the main process's draws are not disturbed
-    expected = cpu_batches(SeededDataset(folder, common.image_transform(transform)), 8)
+    expected = cpu_batches(SeededDataset(folder, image_transform(transform)), 8)
     assert_same_batches(expected, got)
     assert_same_batches(got, device_batches(dataset, 8))  # a pure function of (seed, sample)
 
@@ -249,7 +249,7 @@ def test_finetune_transform_is_the_cpu_paths_and_leaves_the_generator_alone(tmp_
 def test_same_seeds_same_batches_for_0_and_2_workers(tmp_path):
     make_odd_folder(tmp_path)
     folder = ImageFolder(tmp_path)
-    dataset = dd.DecodeDataset(folder, common.pretrain_transform(SIZE))
+    dataset = dd.DecodeDataset(folder, pretrain_transform(SIZE))
     first = device_batches(dataset, 4, workers=0, seed=3)
     assert_same_batches(first, device_batches(dataset, 4, workers=0, seed=3))
     assert_same_batches(first, device_batches(dataset, 4, workers=2, seed=3))
@@ -263,9 +263,9 @@ def test_synthetic_data_and_other_transforms_are_refused():
         dd.check_device_decode("synthetic")
     dd.check_device_decode("/data/imagenet")  # a folder: fine
     with pytest.raises(UserError, match="image folder"):
-        dd.DecodeDataset(common.SyntheticShapes(32, 8), common.pretrain_transform(SIZE))
+        dd.DecodeDataset(SyntheticShapes(32, 8), pretrain_transform(SIZE))
     with pytest.raises(ValueError, match="RandomHorizontalFlip"):
-        dd.Geometry(common.eval_transform(SIZE))
+        dd.Geometry(eval_transform(SIZE))
     with pytest.raises(ValueError, match="box="):
         dd.Geometry(eval_probe.probe_train_transform(SIZE))
-    assert isinstance(dd.Geometry(common.pretrain_transform(SIZE)).crop, v2.RandomResizedCrop)
+    assert isinstance(dd.Geometry(pretrain_transform(SIZE)).crop, v2.RandomResizedCrop)
