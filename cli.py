@@ -111,8 +111,18 @@ def add_run_args(parser):
     a("--resume", default="", help="checkpoint that seeds a new run; once output-dir has its own checkpoint.pth, "
                                    "the run continues from that one")
     a("--max-steps", type=int, default=0, help="stop after this many optimizer steps in total (0: no limit)")
+    add_decode_arg(parser)
     parser.free_on_resume("data", "output_dir", "batch_size", "accum", "num_workers", "device", "compile",
                           "save_every", "keep_every", "log_every", "resume", "max_steps")
+
+
+def add_decode_arg(parser):
+    """--decode: where the training images' JPEGs are decoded (device_decode.py); the same crops and flips either
+    way, so a resume may switch."""
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                        help="cpu: loader workers decode, crop and flip (PIL); device: they only read the JPEG bytes "
+                             "and draw the crops, the training process decodes them on --device (nvJPEG on CUDA)")
+    parser.free_on_resume("decode")
 
 
 def add_decoder_args(parser, depth):

@@ -612,9 +612,13 @@ class SeededDataset(torch.utils.data.Dataset):
         return (*out, bad)
 
 
-def image_transform(transform):
-    """Adapt an image transform to the (image, label) samples of SeededDataset."""
-    return lambda img, label: (transform(img), label)
+class image_transform:
+    """Adapt an image transform to the (image, label) samples of SeededDataset (`image`: the transform itself)."""
+    def __init__(self, transform):
+        self.image = transform
+
+    def __call__(self, img, label):
+        return self.image(img), label
 
 
 class ResumableSampler(torch.utils.data.Sampler):

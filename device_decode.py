@@ -31,8 +31,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TVF
 
-from common import (ImageFolder, ResumableSampler, SeededDataset, UserError, image_transform, make_loader,
-                    pretrain_transform, timed)
+from cli import UserError
+from common import (ImageFolder, ResumableSampler, SeededDataset, SyntheticShapes, image_transform, make_loader,
+                    pretrain_transform)
 
 JPEG_MAGIC, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"  # start of image + first marker; end of image
 DEVICE_MODES = ("L", "RGB")  # Pillow modes of the JPEGs the device decodes (CMYK goes the CPU path: nvJPEG has no
@@ -96,6 +97,7 @@ class Geometry:
         if len(steps) < 3 or not isinstance(steps[0], v2.ToImage) or not isinstance(steps[2], v2.RandomHorizontalFlip):
             raise ValueError("the device path reproduces v2.Compose([ToImage(), crop, RandomHorizontalFlip(), ...])")
         self.crop, self.flip, rest = steps[1], steps[2], steps[3:]
+        box = box or getattr(self.crop, "box", None)  # e.g. eval_probe's TF-style crop draws its box this way
         if box is None and not isinstance(self.crop, v2.RandomResizedCrop):
             raise ValueError(f"pass box=(height, width) -> (top, left, h, w) for the crop {type(self.crop).__name__}")
         self.box = box
@@ -155,6 +157,19 @@ class DecodeDataset(torch.utils.data.Dataset):
         if len(self.cpu) != len(folder):
             raise ValueError("cpu must be the CPU path's dataset of the same folder")
         self.rng_bytes = 0 if self.geometry.per_pixel else torch.get_rng_state().numel()
+
+    @classmethod
+    def of(cls, seeded):
+        """The device path of a CPU path's SeededDataset: an ImageFolder with image_transform(T) (T read back from
+        its `image`), or SemMAE's WithParts(folder, ids) with joint_transform (its `image`, `patch`, `num_parts`)."""
+        base, transform = seeded.base, seeded.transform
+        check_device_decode("synthetic" if isinstance(base, SyntheticShapes) else "files")
+        if not isinstance(getattr(transform, "image", None), v2.Compose):
+            raise UserError("--decode device reproduces image transforms of the form v2.Compose([ToImage(), crop, "
+                            "RandomHorizontalFlip(), ...]); use --decode cpu here")
+        if hasattr(base, "part_ids"):
+            return cls(base.base, transform.image, seeded, parts=(base.part_ids, transform.patch, transform.num_parts))
+        return cls(base, transform.image, seeded)
 
     def __len__(self):
         return len(self.folder)
@@ -306,6 +321,7 @@ def bench_decode(root, workers=(1, 2), batch=64, size=224, device="cpu", batches
     with on CUDA the peak memory torch allocated while decoding one batch after another, in GiB (nvJPEG's own
     buffers are not counted); and the mean and max |device - cpu| over one batch (normalised units: 0 on the CPU,
     nvJPEG's difference on CUDA). One line per measurement, then the medians."""
+    from tools.bench import timed
     device = torch.device(device)
     folder = ImageFolder(root)
     cpu = SeededDataset(folder, image_transform(pretrain_transform(size)))

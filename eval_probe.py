@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, check_common_args
+from cli import ArgumentParser, UserError, add_decode_arg, check_common_args
 from common import (IMAGENET_MEAN, IMAGENET_STD, SeededDataset, build_dataset, image_transform, make_loader, mix_seed,
                     set_lr, warmup_cosine)
 from eval_utils import (POOLS, accuracy, add_encoder_args, extract, extract_dataset, load_encoder, output_path,
@@ -135,10 +135,12 @@ class TFRandomResizedCrop:
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
 
+    def box(self, height, width):  # (top, left, h, w): also what --decode device draws in the loader workers
+        return tf_crop_params(height, width, self.scale, self.ratio)
+
     def __call__(self, img):
         height, width = v2.functional.get_size(img)
-        top, left, h, w = tf_crop_params(height, width, self.scale, self.ratio)
-        return v2.functional.resized_crop(img, top, left, h, w, [self.size, self.size],
+        return v2.functional.resized_crop(img, *self.box(height, width), [self.size, self.size],
                                           interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
 
@@ -160,12 +162,17 @@ def image_batches(vit, dataset, args, dist):
     """Full protocol: every epoch, new views (probe_train_transform: MAE's TF-style crop + flip) through the frozen
     encoder. Returns (batches(epoch) -> iterator of (features [B, D], labels [B]), batches per epoch)."""
     data = SeededDataset(dataset, image_transform(probe_train_transform(args.input_size)))
+    decoder = None
+    if args.decode == "device":  # the workers read the JPEG bytes and draw the crops, the device decodes
+        from device_decode import DecodeDataset, DeviceDecoder
+        data = DecodeDataset.of(data)
+        decoder = DeviceDecoder(data, dist.device)
     sampler = SeededSampler(data, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=args.seed)
     loader = make_loader(data, args.batch_size, args.num_workers, sampler, drop_last=True)
 
     def batches(epoch):
         sampler.set_epoch(epoch)
-        for imgs, y, bad in loader:
+        for imgs, y, bad in (loader if decoder is None else decoder.batches(iter(loader))):
             report_bad(bad, dataset)
             yield extract(vit, imgs.to(dist.device, non_blocking=True), args.pool), y.to(dist.device, non_blocking=True)
     return batches, len(loader)
@@ -251,6 +258,12 @@ def check_args(args):
         raise UserError("--loo is a k-NN option (--mode knn)")
     if args.cached and args.mode != "linear":
         raise UserError("--cached is a linear-probe option (--mode linear)")
+    if args.decode == "device" and (args.cached or args.mode != "linear"):
+        raise UserError("--decode device decodes the augmented training images of the full linear probe; k-NN and "
+                        "--cached read each image once (use --decode cpu)")
+    if args.decode == "device":
+        from device_decode import check_device_decode
+        check_device_decode(args.data)
 
 
 def main(args):
@@ -341,6 +354,7 @@ def build_parser():
     a("--seed", type=int, default=0, help="seed of the head's initial weights, data order and augmentation")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is a GPU")
     a("--log-every", type=int, default=20, help="running loss every N optimizer steps in the progress bar")
+    add_decode_arg(p)
     return p
 
 

@@ -278,6 +278,8 @@ def joint_transform(size, patch, num_parts, train=True):
         img, mask = geo(img, tv_tensors.Mask(full.to(torch.uint8)))
         votes = F.one_hot(mask.as_subclass(torch.Tensor).long(), num_parts).permute(2, 0, 1).float()  # [K, S, S]
         return norm(img), F.avg_pool2d(votes, patch).argmax(0).flatten(), label  # majority part per patch [L]
+    # what --decode device reads: the image's own transform (the same draws) and the part maps' geometry
+    apply.image, apply.patch, apply.num_parts = pretrain_transform(size) if train else None, patch, num_parts
     return apply
 
 
@@ -361,8 +363,8 @@ def train(args, run, model, ddp_model, optimizer, schedule_alpha=False):
 def preview_parts(model, base, path, device, seed, count=8):
     """PNG, one row per image (of different classes, sample_across_classes): the image, its reconstruction, its
     parts and the parts over the image."""
-    tf, size = part_transform(model.img_size, train=False), model.img_size
-    imgs = torch.stack([tf(base.load(i)[0]) for i in sample_across_classes(base, count, seed)]).to(device)
+    data, size = SeededDataset(base, image_transform(part_transform(model.img_size, train=False))), model.img_size
+    imgs = torch.stack([data[i][0] for i in sample_across_classes(base, count, seed)]).to(device)  # bad files: skipped
     model.eval()
     cls, maps = model.maps(imgs)
     tiles = []
@@ -438,10 +440,10 @@ def vis_masks(args, base, parts, path, count=4):
     """PNG, one row per image (of different classes, sample_across_classes): the image, its part map and the masks
     at alpha 0, 0.5 and 1 (masked patches greyed)."""
     k, p, s = parts["num_parts"], preset_patch_size(args.model, args.patch_size), args.input_size
-    tf, grid, data = joint_transform(s, p, k, train=False), s // p, WithParts(base, parts["part_ids"])
+    grid, data = s // p, SeededDataset(WithParts(base, parts["part_ids"]), joint_transform(s, p, k, train=False))
     tiles = []
     for i in sample_across_classes(base, count, args.seed):
-        img, ids, _ = tf(*data.load(i))
+        img, ids, _, _ = data[i]  # an unreadable image: the next readable one of its class, as in training
         img = denormalize(img)
         tiles += [img, colorize(ids.view(grid, grid), s)]
         for alpha in (0.0, 0.5, 1.0):  # the same draws (permutation, visiting order) for every alpha: only alpha varies

@@ -640,10 +640,15 @@ class TrainRun:
         self.device = d.device
         a = args
         self.sampler = ResumableSampler(len(dataset), a.batch_size, d.world, d.rank, a.accum, a.seed)  # its errors
-        self.out, self.lock = Path(args.output_dir), None  # come before the output folder is made
-        self.all_processes(lambda: check_output_dir(self.out, self.claim) if d.is_main else None)
         dataset.defer_errors = d.world > 1  # a whole unreadable class: every process stops after the same step
-        self.loader = make_loader(dataset, a.batch_size, a.num_workers, self.sampler)
+        loaded, self.decoder = dataset, None  # come before the output folder is made
+        if getattr(a, "decode", "cpu") == "device":  # the workers read the JPEG bytes, the device decodes them
+            from device_decode import DecodeDataset, DeviceDecoder
+            loaded = DecodeDataset.of(dataset)  # --data synthetic: one line, it has no JPEG files
+            self.decoder = DeviceDecoder(loaded, self.device)
+        self.out, self.lock = Path(args.output_dir), None
+        self.all_processes(lambda: check_output_dir(self.out, self.claim) if d.is_main else None)
+        self.loader = make_loader(loaded, a.batch_size, a.num_workers, self.sampler)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * a.epochs
         self.effective_batch = a.batch_size * d.world * a.accum
@@ -772,7 +777,7 @@ class TrainRun:
         """The global numbers of the optimizer steps left in the current epoch, ending early at --max-steps; starts
         this process's micro-batches of the epoch from the saved position on (`next_batch`)."""
         self.sampler.epoch, self.sampler.start_chunk = self.epoch, self.epoch_step * self.args.accum
-        self.batches = iter(self.loader)
+        self.batches = iter(self.loader) if self.decoder is None else self.decoder.batches(iter(self.loader))
         end = self.step + self.steps_per_epoch - self.epoch_step
         if self.args.max_steps:
             end = min(end, max(self.args.max_steps, self.step))
@@ -821,8 +826,7 @@ class TrainRun:
             self.save()
 
     @property
-    def epoch_complete(self):
-        """True when every optimizer step of the current epoch is done (not cut short by --max-steps)."""
+    def epoch_complete(self):  # every optimizer step of the current epoch done (not cut short by --max-steps)
         return self.epoch_step == self.steps_per_epoch
 
     def end_epoch(self, **extra):
@@ -840,7 +844,7 @@ class TrainRun:
         return not self.epoch_step == 0 or bool(self.args.max_steps) and self.step >= self.args.max_steps
 
     def exit_for_requeue(self):
-        """After the checkpoint of a stop request: every process stops with exit code EXIT_REQUEUE (75, run_main)."""
+        """After a stop request's checkpoint: every process stops with exit code EXIT_REQUEUE (75, run_main)."""
         self.logger.close()
         if self.lock is not None:
             self.lock.release()

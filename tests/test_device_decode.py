@@ -5,9 +5,12 @@ decodes as Pillow does), odd files (PNG, CMYK, grayscale, progressive, truncated
 part ids, the fine-tuning and linear-probe transforms, and determinism across runs and worker counts."""
 import functools
 import io
+import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,9 +20,12 @@ from torchvision.transforms import v2
 
 import device_decode as dd
 import eval_probe
+import finetune
 import semmae
-from common import (DataError, ImageFolder, ResumableSampler, SeededDataset, SyntheticShapes, UserError, eval_transform,
-                    image_transform, make_jpeg_folder, make_loader, pretrain_transform)
+import train_utils
+from common import (DataError, ImageFolder, ResumableSampler, SeededDataset, SyntheticShapes, eval_transform,
+                    image_transform, make_loader, pretrain_transform)
+from tools.bench import make_jpeg_folder
 
 SIZE = 32
 
@@ -233,7 +239,7 @@ def test_semmae_part_ids_and_images_equal_the_joint_transforms(tmp_path):
 def test_finetune_transform_is_the_cpu_paths_and_leaves_the_generator_alone(tmp_path, reprob):
     make_jpeg_folder(tmp_path, 16)
     folder = ImageFolder(tmp_path)
-    transform = eval_probe.finetune_train_transform(SIZE, reprob=reprob)
+    transform = finetune.finetune_train_transform(SIZE, reprob=reprob)
     dataset = dd.DecodeDataset(folder, transform)
     assert not dataset.geometry.per_pixel and dataset.rng_bytes > 0
     torch.manual_seed(123)
@@ -259,13 +265,103 @@ def test_same_seeds_same_batches_for_0_and_2_workers(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_synthetic_data_and_other_transforms_are_refused():
-    with pytest.raises(UserError, match=r"^--decode device reads JPEG files; --data synthetic has none"):
+    with pytest.raises(ValueError, match=r"^--decode device reads JPEG files; --data synthetic has none"):
         dd.check_device_decode("synthetic")
     dd.check_device_decode("/data/imagenet")  # a folder: fine
-    with pytest.raises(UserError, match="image folder"):
+    with pytest.raises(ValueError, match="image folder"):
         dd.DecodeDataset(SyntheticShapes(32, 8), pretrain_transform(SIZE))
     with pytest.raises(ValueError, match="RandomHorizontalFlip"):
         dd.Geometry(eval_transform(SIZE))
-    with pytest.raises(ValueError, match="box="):
-        dd.Geometry(eval_probe.probe_train_transform(SIZE))
+    with pytest.raises(ValueError, match="box="):  # a crop whose box the workers cannot draw
+        dd.Geometry(v2.Compose([v2.ToImage(), v2.RandomCrop(SIZE), v2.RandomHorizontalFlip()]))
+    probe = dd.Geometry(eval_probe.probe_train_transform(SIZE))  # the TF-style crop gives its own box draw
+    with dd.seeded_generator(7):
+        drawn = probe.draw(300, 500)[0]
+    with dd.seeded_generator(7):
+        assert drawn == eval_probe.tf_crop_params(300, 500)
     assert isinstance(dd.Geometry(pretrain_transform(SIZE)).crop, v2.RandomResizedCrop)
+
+
+# ------------------------------------------------------------------------------------------------- training runs
+def pcae_run(data, out, *extra):
+    """The tiny pcae run of the other tests on an image folder; returns its checkpoint."""
+    import pcae
+    from conftest import argv
+    pcae.main(pcae.build_parser().parse_args(argv("pcae", out, "", *extra, data=str(data))))
+    return train_utils.load_checkpoint(out / "checkpoint.pth")
+
+
+def test_a_device_decode_run_trains_as_the_cpu_path_and_reports_the_unreadable_files(tmp_path, capsys):
+    """pcae on a folder with a PNG, a CMYK, a grayscale, a progressive, a truncated and a corrupt JPEG: --decode device
+    (decoding on the CPU here) trains the same weights as --decode cpu, bit for bit; the two unreadable files are
+    reported once each and counted as the CPU path counts them; a stop and resume, also switching the path, changes
+    nothing."""
+    from conftest import assert_same_state
+    make_odd_folder(tmp_path / "data" / "train")  # 14 images, batch 4: 3 steps per epoch
+    data = tmp_path / "data"
+    cpu = pcae_run(data, tmp_path / "cpu")
+    capsys.readouterr()
+    device = pcae_run(data, tmp_path / "device", "--decode", "device")
+    err = capsys.readouterr().err
+    assert_same_state(cpu, device)
+    for name in ("f_trunc.jpg", "g_dht.jpg"):
+        assert err.count(f"warning: skipped unreadable image {data / 'train' / 'a' / name}") == 1
+    logs = {d: [json.loads(line)["bad_images"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("cpu", "device")}
+    assert logs["device"] == logs["cpu"] and logs["device"][0] == 2  # 12 of the 14 images per epoch: both read
+    pcae_run(data, tmp_path / "switched", "--max-steps", "4")  # epoch 1, step 1: the CPU path ...
+    assert_same_state(cpu, pcae_run(data, tmp_path / "switched", "--decode", "device"))  # ... resumed on the device's
+
+
+def test_decode_device_needs_image_files(monkeypatch, capsys):
+    import pcae
+    monkeypatch.setattr(sys, "argv", ["pcae.py", "--data", "synthetic", "--model", "micro", "--input-size", "32",
+                                      "--decode", "device"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_utils.run_main(pcae.main, pcae.build_parser())
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        "error: --decode device reads JPEG files; --data synthetic has none (use --decode cpu)"]
+
+
+@pytest.mark.slow
+def test_two_processes_decoding_on_the_device_equal_one(tmp_path):
+    from conftest import argv, assert_equivalent_runs, script_cmd, subprocess_env
+    make_odd_folder(tmp_path / "data" / "train")
+    data = tmp_path / "data"
+    one = pcae_run(data, tmp_path / "one", "--decode", "device", "--batch-size", "4")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *script_cmd("pcae"), *argv("pcae", tmp_path / "ddp", "", "--decode", "device", "--batch-size", "2",
+                                      data=str(data))]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_equivalent_runs(one, train_utils.load_checkpoint(tmp_path / "ddp" / "checkpoint.pth"))
+
+
+def test_every_training_path_decodes_on_the_device_as_on_the_cpu(tmp_path):
+    """SemMAE's semantic pretraining (part ids cropped in the workers), fine-tuning (RandAugment, erasing) and the
+    full linear probe (the TF-style crop): --decode device (on the CPU) equals --decode cpu bit for bit."""
+    import finetune
+    from conftest import argv, assert_same_state
+    for split in ("train", "val"):
+        make_odd_folder(tmp_path / "data" / split)
+    data = tmp_path / "data"
+    semmae.main(semmae.build_parser().parse_args(argv("semmae-parts", tmp_path / "parts", "", "--epochs", "1",
+                                                      data=str(data))))
+    parts = tmp_path / "parts" / "parts.pt"
+    runs = {}
+    for decode in ("cpu", "device"):
+        flags = ["--decode", decode, "--max-steps", "2"]
+        semmae.main(semmae.build_parser().parse_args(argv("semmae", tmp_path / f"sem-{decode}", parts, *flags,
+                                                          data=str(data))))
+        ckpt = tmp_path / f"sem-{decode}" / "checkpoint.pth"
+        finetune.main(finetune.build_parser().parse_args(
+            ["--ckpt", str(ckpt), "--data", str(data), "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4",
+             "--num-workers", "0", "--output-dir", str(tmp_path / f"ft-{decode}"), *flags]))
+        row = eval_probe.main(eval_probe.build_parser().parse_args(
+            ["--ckpt", str(ckpt), "--data", str(data), "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4",
+             "--num-workers", "0", "--decode", decode, "--output", str(tmp_path / f"probe-{decode}.jsonl")]))
+        runs[decode] = [train_utils.load_checkpoint(tmp_path / f"{d}-{decode}" / "checkpoint.pth")
+                        for d in ("sem", "ft")] + [row["history"]]
+    for cpu, device in zip(runs["cpu"][:2], runs["device"][:2]):
+        assert_same_state(cpu, device)
+    assert runs["cpu"][2] == runs["device"][2]  # the probe's per-epoch loss and accuracy

@@ -20,7 +20,9 @@ def test_gpu_check_quick_mode_on_cpu(tmp_path):
     assert smoke["sigterm_exit"] == 75 and 20 <= smoke["stopped_at"] < 40  # stopped past the middle, saved its step
     assert smoke["resumed"] and smoke["final_step"] == 40 and smoke["exit"] == 0
     assert smoke["last_loss"] < smoke["first_loss"] and smoke["knn20_top1"] is not None
-    assert set(results["loader"]) == {"workers=0", "workers=1"} and results["failures"] == []
+    paths = {f"{p} workers={n}" for p in ("cpu", "device", "payload") for n in (0, 1)} | {"decoder workers=0"}
+    assert set(results["loader"]) == paths | {"peak_mem_gib", "mean_abs_diff"} and results["failures"] == []
+    assert results["loader"]["mean_abs_diff"] == 0.0  # on the CPU both input paths give the same pixels
     summary = (tmp_path / "summary.md").read_text()
     assert "| pcae | 75 |" in summary and summary.rstrip().endswith("failures: 0")
     assert "$ " in (tmp_path / "gpu_check.log").read_text()  # every command is logged with its output

@@ -1,7 +1,7 @@
 """The benchmark of every training script's --bench (and --profile), the FLOP counting behind its GFLOP/image and
 the logs' MFU, and the data-loader benchmark:
 
-    python tools/bench.py bench-loader [--folder DIR] [--images N] [--workers 1,2] [--batch-size 64]
+    python tools/bench.py bench-loader [--folder DIR] [--images N] [--workers 1,2] [--batch-size 64] [--device cuda]
 """
 import argparse, contextlib, math, sys, time
 from pathlib import Path
@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, also when run as a script
-from common import (ImageFolder, ResumableSampler, SeededDataset, StepRandom, SyntheticShapes,  # noqa: E402
-                    image_transform, make_loader, pretrain_transform)
+from common import StepRandom, SyntheticShapes  # noqa: E402
 from train_utils import autocast  # noqa: E402
 
 
@@ -193,33 +192,22 @@ def make_jpeg_folder(root, count, seed=0):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def bench_loader(root, workers=(1, 2), batch=64, size=224, batches=8):
-    """images/s of the training pipeline (JPEG decode + RandomResizedCrop + flip + normalise) per worker count."""
-    ds = SeededDataset(ImageFolder(root), image_transform(pretrain_transform(size)))
-    for n in workers:
-        sampler = ResumableSampler(len(ds), batch)
-        loader = make_loader(ds, batch, n, sampler)
-        it = iter(loader)
-        next(it)  # start-up (worker processes, first batch) is not timed
-        t0, count = time.perf_counter(), 0
-        for _ in range(min(batches, len(loader) - 1)):
-            count += next(it)[0].shape[0]
-        rate = count / (time.perf_counter() - t0)
-        print(f"workers={n} images_per_s={rate:.1f} per_worker={rate / max(n, 1):.1f}", flush=True)
-        del it, loader
-
-
 if __name__ == "__main__":
     import tempfile
-    parser = argparse.ArgumentParser(description="Data-loader benchmark: `python tools/bench.py bench-loader`")
+    from device_decode import bench_decode
+    from train_utils import pick_device
+    parser = argparse.ArgumentParser(description="Data-loader benchmark, both paths (--decode cpu and device): "
+                                                 "`python tools/bench.py bench-loader`")
     parser.add_argument("command", choices=["bench-loader"])
     parser.add_argument("--folder", default="", help="an existing image folder root/<class>/*.jpg (default: generate)")
     parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to try")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement (the median is printed)")
+    parser.add_argument("--device", default="auto", help="where the device path decodes (auto: the GPU if any)")
     cli = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if not cli.folder:
             make_jpeg_folder(tmp, cli.images)
-        bench_loader(cli.folder or tmp, [int(w) for w in cli.workers.split(",")], cli.batch_size,
-                     batches=cli.images // cli.batch_size - 1)
+        bench_decode(cli.folder or tmp, [int(w) for w in cli.workers.split(",")], cli.batch_size,
+                     device=pick_device(cli.device), batches=cli.images // cli.batch_size - 1, repeats=cli.repeats)

@@ -12,7 +12,7 @@ Parts:
   checkpoint keys must be clean; then --bench --compile for every step.
 - bench: --bench (eager) for every training step at the papers' per-GPU batch (or --bench-batch): images/s, MFU
   against the device's dense bf16 peak, peak memory.
-- loader: `tools/bench.py bench-loader` (JPEG decode + RandomResizedCrop + flip) with 1, 8 and 16 workers.
+- loader: `tools/bench.py bench-loader`, both input paths (--decode cpu / device) with 1, 8 and 16 workers.
 Writes OUT/gpu_check.log (every command and its output), OUT/results.json and OUT/summary.md (OUT: --out, else $OUT,
 else gpu_check_out). Exit code 0 when every check passed, 1 otherwise.
 """
@@ -212,11 +212,15 @@ class Checker:
     def loader(self):
         workers = "0,1" if self.args.quick else self.args.workers
         rc, out = self.run(["tools/bench.py", "bench-loader", "--images", "64" if self.args.quick else "2048",
-                            "--workers", workers, "--batch-size", "16" if self.args.quick else "256"], timeout=900)
+                            "--workers", workers, "--batch-size", "16" if self.args.quick else "256", "--repeats",
+                            "1", "--device", self.args.device], timeout=900)
         if rc != 0:
             self.fail(f"loader: exit {rc}")
-        for n, rate in re.findall(r"^workers=(\d+) images_per_s=([0-9.]+)", out, re.M):
-            self.results["loader"][f"workers={n}"] = float(rate)
+        medians = r"^median path=(\w+) workers=(\d+) batch=\d+ images_per_s=([0-9.]+)"
+        for path, n, rate in re.findall(medians, out, re.M):
+            self.results["loader"][f"{path} workers={n}"] = float(rate)
+        self.results["loader"]["peak_mem_gib"] = _last(out, "peak_mem_gib")
+        self.results["loader"]["mean_abs_diff"] = _last(out, "mean_abs")
 
     # ----------------------------------------------------------------------------------------------- report
     def summary(self):
@@ -241,7 +245,7 @@ class Checker:
             lines += [f"| {n} | {b['batch']} | {b['ms_per_step']} | {b['images_per_s']} | {b['gflop_per_image']} | "
                       f"{b['mfu']} | {b['peak_mem_gib']} |" for n, b in r["bench"].items()]
         if r["loader"]:
-            lines += ["", "loader images/s: " + ", ".join(f"{k} {v:.0f}" for k, v in r["loader"].items())]
+            lines += ["", "loader images/s: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["loader"].items())]
         lines += ["", f"failures: {len(r['failures'])}" + "".join(f"\n- {f}" for f in r["failures"])]
         text = "\n".join(lines)
         (self.out / "summary.md").write_text(text + "\n")
