@@ -6,8 +6,10 @@ in eval_utils.py; end-to-end fine-tuning is finetune.py.
     torchrun --nproc_per_node 8 eval_probe.py --ckpt mae_pretrain_vit_base.pth --data /imagenet --accum 4
 
 Results: top-1 / top-5 printed and appended as one JSON line to probe.jsonl next to the checkpoint (or --output).
+--shots K --trials N: few-shot transfer, N trials of K training images per class each (k-NN, or multinomial logistic
+regression in place of the LARS probe), scored on the whole val split; one JSON line per trial and a summary line.
 """
-import contextlib, json, math, os, sys, time
+import contextlib, hashlib, json, math, os, statistics, sys, time
 from pathlib import Path
 
 import torch
@@ -93,6 +95,16 @@ def knn_votes(train_features, train_labels, test_features, ks, temperature=0.07,
             votes = torch.zeros(len(sim), num_classes, device=sim.device)
             out[k].append(votes.scatter_add_(1, neighbours[:, :k], weight[:, :k]))  # [b, C]
     return {k: torch.cat(v) if v else torch.zeros(0, num_classes) for k, v in out.items()}
+
+
+def clamp_ks(nb_knn, voters, what, dist):
+    """The k values to vote with: 1 and every requested k, a k beyond the `voters` who can vote clamped to it (with a
+    warning naming `what` they are; the result is recorded under the k used)."""
+    ks = sorted({min(k, voters) for k in (1, *nb_knn)})
+    if max(nb_knn) > voters and dist.is_main:
+        print(f"warning: k-NN: only {voters} {what} can vote; k = {', '.join(str(k) for k in nb_knn if k > voters)} "
+              f"clamped to {voters} (recorded as k = {voters})", file=sys.stderr, flush=True)
+    return ks
 
 
 
@@ -250,8 +262,122 @@ def fit_linear_head(head, batches, batches_per_epoch, val, dist, epochs=90, warm
             "history": history}
 
 
+# ------------------------------------------------------------------------------------------------------- few-shot
+def fewshot_subset(labels, num_classes, shots, seed, trial):
+    """The training images of few-shot trial t: a generator seeded with mix_seed(seed, t) permutes, class by class in
+    label order, the class's training indices (increasing) and the first K of each permutation are kept:
+
+        S_t = sorted( U_c perm_t,c(I_c)[:K] ),   I_c = {i : y_i = c}                                    -> [K C] long
+
+    A function of the labels, K, seed and t only, drawn on the CPU from its own generator: every process draws the
+    same subset, whatever their number, the device, the global RNG state or the trials drawn before."""
+    g, labels = torch.Generator().manual_seed(mix_seed(seed, trial)), labels.cpu()
+    per_class = [(labels == c).nonzero().flatten() for c in range(num_classes)]  # [n_c] each, increasing
+    return torch.cat([idx[torch.randperm(len(idx), generator=g)[:shots]] for idx in per_class]).sort().values
+
+
+def subset_digest(indices):
+    """The first 16 hex digits of the SHA-1 of the sorted indices as little-endian int64: trials or runs that train
+    on the same images share it."""
+    return hashlib.sha1(indices.cpu().to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()[:16]
+
+
+def check_shots(labels, classes, shots):
+    """K-shot trials need K training images in every class: one line naming the first class that has fewer."""
+    counts = torch.bincount(labels.cpu(), minlength=len(classes))  # [C]
+    short = (counts < shots).nonzero().flatten().tolist()
+    if short:
+        n, more = int(counts[short[0]]), f" (and {len(short) - 1} more classes)" if len(short) > 1 else ""
+        raise UserError(f"--shots {shots}: class '{classes[short[0]]}' has only {n} training image{'s' * (n != 1)}"
+                        f"{more}")
+
+
+def fit_logistic_regression(feats, labels, num_classes, lambd=0.1, max_iter=1000):
+    """Multinomial logistic regression on L2-normalised frozen features, no bias, as the low-shot evaluations of DINO
+    and MSN (cyanure's multiclass-logistic loss with an l2 penalty, fit_intercept=False, lambda passed as lambda / n).
+    With f_i = x_i / ||x_i||_2 over the n training images:
+
+        W* = argmin_W  sum_i -log softmax(W f_i)[y_i]  +  lambda / 2 ||W||_F^2                              W: [C, D]
+
+    minimised as its 1/n multiple (cyanure's scale, the same W*) by full-batch L-BFGS (strong Wolfe line search,
+    history 20) from W = 0 in fp64: strictly convex for lambda > 0, so one optimum, reached without any random draw.
+    lambda = 0.1 is DINO's (1 % of ImageNet), MSN's script uses 0.00025 (1 to 5 images per class).
+    Returns (W* [C, D] fp64, max |gradient| of the 1/n objective at W*: 1e-8 or less, the line search's fp64 limit)."""
+    x = F.normalize(feats.double(), dim=1)  # [n, D]
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=1e-10,
+                            tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w.T, labels) + lambd / (2 * len(x)) * w.pow(2).sum()  # mean CE: the 1/n scale
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(objective)
+        objective()  # the gradient at the returned W
+    return w.detach(), float(w.grad.abs().max())
+
+
+def mean_std(values):
+    """(mean, sample standard deviation (n - 1 in the denominator; None for a single value)) of per-trial results."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def run_fewshot(classes, train, val, row, args, dist):
+    """--shots K --trials N on features extracted once (no augmentation): trial t keeps fewshot_subset(t) of the train
+    features, as the k-NN memory bank or to fit_logistic_regression, and scores the whole val split.
+    -> (summary row: mean and sample std over trials, [one row per trial])."""
+    (train_f, train_l), (val_f, val_l) = train, val  # [N, D], [N]; [M, D], [M]
+    check_shots(train_l, classes, args.shots)
+    num_classes, base = len(classes), {**row, "shots": args.shots, "trials": args.trials, "seed": args.seed}
+    if args.mode == "knn":  # every trial has K C voters: one clamp, one warning
+        ks = clamp_ks(args.nb_knn, args.shots * num_classes, f"training images of a {args.shots}-shot subset", dist)
+        best_k = 20 if 20 in ks else ks[-1]  # DINO's k = 20, as the full k-NN
+        base.update(k=best_k, nb_knn=args.nb_knn, temperature=args.temperature)
+    else:
+        base.update(classifier="logistic", lambd=args.lambd)
+        dist.print(f"few-shot linear: multinomial logistic regression (L-BFGS, lambda {args.lambd:g}) on L2-normalised "
+                   f"features extracted once; the LARS probe's flags are unused")
+    rows = []
+    for t in range(args.trials):
+        idx = fewshot_subset(train_l, num_classes, args.shots, args.seed, t).to(train_l.device)
+        if args.mode == "knn":
+            votes = knn_votes(train_f[idx], train_l[idx], val_f, ks, args.temperature, num_classes)
+            knn = {str(k): dict(zip(("top1", "top5"), accuracy(votes[k], val_l, max_rank=k))) for k in ks}
+            res = dict(top1=knn[str(best_k)]["top1"], top5=knn[str(best_k)]["top5"], knn=knn)
+        else:
+            w, grad_max = fit_logistic_regression(train_f[idx], train_l[idx], num_classes, args.lambd)
+            top1, top5 = accuracy(F.normalize(val_f.double(), dim=1) @ w.T, val_l)  # [M, C] scores
+            res = dict(top1=top1, top5=top5, grad_max=grad_max)
+        rows.append({**base, "fewshot": "trial", "trial": t, "trial_seed": mix_seed(args.seed, t),
+                     "subset_size": len(idx), "subset_sha1": subset_digest(idx), **res})
+        dist.print(f"trial {t}: {len(idx)} images (subset {rows[-1]['subset_sha1']}): top-1 {res['top1']:.2f}  "
+                   f"top-5 {res['top5']:.2f}")
+    summary = {**base, "fewshot": "summary", "std": "sample standard deviation over the trials (n - 1)"}
+    for key in ("top1", "top5"):
+        summary[key], summary[key + "_std"] = mean_std([r[key] for r in rows])
+    if args.mode == "knn":
+        summary["knn"] = {k: {f"{m}{s}": v for m in ("top1", "top5")
+                              for s, v in zip(("", "_std"), mean_std([r["knn"][k][m] for r in rows]))} for k in knn}
+    summary["trial_top1"] = [r["top1"] for r in rows]
+    return summary, rows
+
+
 def check_args(args):
     check_common_args(args)
+    if args.shots is None and args.trials is not None:
+        raise UserError("--trials is a few-shot option (--shots K)")
+    if args.lambd is not None and not (math.isfinite(args.lambd) and args.lambd > 0):
+        raise UserError(f"--lambd must be a finite positive number, got {args.lambd}")
+    if args.shots is not None:
+        args.trials = 5 if args.trials is None else args.trials
+        args.lambd = 0.1 if args.lambd is None else args.lambd  # DINO's (see fit_logistic_regression)
+        if args.shots < 1 or args.trials < 1:
+            raise UserError(f"--shots and --trials must be at least 1, got --shots {args.shots} --trials "
+                            f"{args.trials}")
+        if args.loo:
+            raise UserError("--loo does not combine with --shots (it votes within the val split)")
     if min(args.nb_knn) < 1 or not args.temperature > 0:  # `not >`: also refuses nan
         raise UserError("--nb-knn values must be at least 1 and --temperature positive")
     if args.loo and args.mode != "knn":
@@ -276,23 +402,37 @@ def main(args):
     if list(train_set.classes) != list(val_set.classes):
         raise UserError(f"{args.data}: the train and val splits have different class folders")
     num_classes = len(train_set.classes)
+    if args.shots and hasattr(train_set, "samples"):  # an image folder: the class sizes are known before extraction
+        check_shots(torch.tensor([y for _, y in train_set.samples]), train_set.classes, args.shots)
     out = output_path(args) if dist.is_main else None
     t0 = time.perf_counter()
     val = extract_dataset(vit, val_set, args, dist, "val features")  # no augmentation: the same every epoch
     row = {"ckpt": str(args.ckpt), "ckpt_step": vit.checkpoint_position["step"],  # null for public checkpoints
            "ckpt_epoch": vit.checkpoint_position["epoch"], "data": str(args.data), "mode": args.mode,
            "pool": args.pool, "input_size": args.input_size, "num_classes": num_classes}
+    if args.shots:
+        train = extract_dataset(vit, train_set, args, dist, "train features")
+        summary, trials = run_fewshot(train_set.classes, train, val, row, args, dist)
+        summary["time_s"] = time.perf_counter() - t0
+        if dist.is_main:
+            what = f"{args.mode} {args.shots}-shot, {args.trials} trials, {Path(args.ckpt).name}"
+            def pm(r, m):  # "top-1 12.34 ± 1.23": mean ± sample std over the trials of metric m ("top1") in row r
+                return f"top-{m[-1]} {r[m]:.2f} ± " + ("n/a" if r[m + "_std"] is None else f"{r[m + '_std']:.2f}")
+            for k, r in summary.get("knn", {}).items():
+                print(f"{what}: {k}-NN {pm(r, 'top1')}  {pm(r, 'top5')}")
+            print(f"{what}: {pm(summary, 'top1')}  {pm(summary, 'top5')} (mean ± sample std over trials) -> {out}",
+                  flush=True)
+            with open(out, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in [*trials, summary]))
+        dist.close()
+        return summary
     if args.mode == "knn":
         train = val if args.loo else extract_dataset(vit, train_set, args, dist, "train features")
         voters = len(train[0]) - int(args.loo)  # the neighbours a val image can have
         if voters < 1:
             raise UserError(f"k-NN needs at least {1 + int(args.loo)} images in the {'val' if args.loo else 'train'} "
                             f"split")
-        ks = sorted({min(k, voters) for k in (1, *args.nb_knn)})  # k beyond the training set: clamped, with a warning
-        if max(args.nb_knn) > voters and dist.is_main:
-            print(f"warning: k-NN: only {voters} {'other val' if args.loo else 'training'} images can vote; k = "
-                  f"{', '.join(str(k) for k in args.nb_knn if k > voters)} clamped to {voters} (recorded as k = "
-                  f"{voters})", file=sys.stderr, flush=True)
+        ks = clamp_ks(args.nb_knn, voters, f"{'other val' if args.loo else 'training'} images", dist)
         votes = knn_votes(*train, val[0], ks, args.temperature, num_classes, exclude_self=args.loo)
         knn = {str(k): dict(zip(("top1", "top5"), accuracy(votes[k], val[1], max_rank=k))) for k in ks}
         for k in ks:
@@ -350,8 +490,19 @@ def build_parser():
            "and recorded as the k used)")
     a("--temperature", type=float, default=0.07, help="k-NN vote temperature T: weights exp(cos / T)")
     a("--loo", action="store_true", help="k-NN leave-one-out within the val set (Latent MIM's NN metric)")
+    a("--shots", type=int, default=None,
+      help="few-shot transfer: K training images per class in each trial, features extracted once without "
+           "augmentation, every trial scored on the whole val split; --mode knn: the K-shot subset is the memory "
+           "bank; --mode linear: multinomial logistic regression (L-BFGS, --lambd) on L2-normalised features as "
+           "DINO's and MSN's low-shot evaluations, in place of MAE's LARS probe, which is not a few-shot protocol "
+           "(--cached implied; --epochs, --lr and the other LARS flags unused) (default: none: the whole train split)")
+    a("--trials", type=int, default=None, help="few-shot trials; trial t draws its subset with seed mix_seed(--seed, "
+                                               "t); mean and sample std over them (default: 5 with --shots)")
+    a("--lambd", type=float, default=None, help="few-shot logistic regression: lambda of sum_i CE_i + lambda / 2 "
+                                                "||W||^2; MSN uses 0.00025 (default: DINO's 0.1 with --shots)")
     a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    a("--seed", type=int, default=0, help="seed of the head's initial weights, data order and augmentation")
+    a("--seed", type=int, default=0, help="seed of the head's initial weights, data order and augmentation, and of "
+                                                  "the few-shot subsets")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is a GPU")
     a("--log-every", type=int, default=20, help="running loss every N optimizer steps in the progress bar")
     add_decode_arg(p)
