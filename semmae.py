@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
-from common import (IMAGENET_MEAN, IMAGENET_STD, MAEDecoder, SeededDataset, StepRandom, build_adamw, build_dataset,
-                    build_vit, gather_tokens, image_transform, make_loader, patchify, preset_patch_size,
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MAEDecoder, SeededDataset, StepRandom, build_adamw,
+                    build_dataset, build_vit, gather_tokens, image_transform, make_loader, patchify, preset_patch_size,
                     pretrain_transform, random_masking, set_lr, standardize_tokens)
-from figures import denormalize, sample_across_classes, save_figure
+from figures import denormalize, figure_line, sample_across_classes, save_figure
 from train_utils import (TrainRun, autocast, gather_rows, load_checkpoint, load_vit, pick_device, run_main,
                          save_checkpoint)
 
@@ -360,16 +360,21 @@ def train(args, run, model, ddp_model, optimizer, schedule_alpha=False):
 @torch.no_grad()
 def preview_parts(model, base, path, device, seed, count=8):
     """PNG, one row per image (of different classes, sample_across_classes): the image, its reconstruction, its
-    parts and the parts over the image."""
+    parts and the parts over the image, in labelled columns."""
     tf, size = part_transform(model.img_size, train=False), model.img_size
-    imgs = torch.stack([tf(base.load(i)[0]) for i in sample_across_classes(base, count, seed)]).to(device)
+    picks = sample_across_classes(base, count, seed)
+    imgs = torch.stack([tf(base.load(i)[0]) for i in picks]).to(device)
     model.eval()
     cls, maps = model.maps(imgs)
     tiles = []
     for img, rec, pid in zip(denormalize(imgs), denormalize(model.decode(maps, cls)), maps.argmax(1)):
         col = colorize(pid, size)
         tiles += [img, rec, col, 0.5 * img + 0.5 * col]
-    save_figure(tiles, path, columns=4, padding=1, pad_value=0.0)
+    size = save_figure(tiles, path, columns=4, padding=1, pad_value=0.0,
+                       labels=["image", "reconstruction", "parts", "parts over image"])
+    print(figure_line(path, size, len(picks), ["image", "its reconstruction from the part maps alone", f"its "
+                                               f"{model.num_parts} parts (argmax per patch)", "the parts over the image"]),
+          flush=True)
 
 
 @torch.no_grad()
@@ -436,11 +441,11 @@ def main_parts(args):
 # ==================================================================================================== stage B CLI
 def vis_masks(args, base, parts, path, count=4):
     """PNG, one row per image (of different classes, sample_across_classes): the image, its part map and the masks
-    at alpha 0, 0.5 and 1 (masked patches greyed)."""
+    at alpha 0, 0.5 and 1 (masked patches greyed), in labelled columns."""
     k, p, s = parts["num_parts"], preset_patch_size(args.model, args.patch_size), args.input_size
     tf, grid, data = joint_transform(s, p, k, train=False), s // p, WithParts(base, parts["part_ids"])
-    tiles = []
-    for i in sample_across_classes(base, count, args.seed):
+    tiles, picks = [], sample_across_classes(base, count, args.seed)
+    for i in picks:
         img, ids, _ = tf(*data.load(i))
         img = denormalize(img)
         tiles += [img, colorize(ids.view(grid, grid), s)]
@@ -450,8 +455,11 @@ def vis_masks(args, base, parts, path, count=4):
             keep = torch.ones(grid * grid).index_fill(0, mask_ids[0], 0.0).view(1, 1, grid, grid)
             keep = F.interpolate(keep, size=(s, s), mode="nearest")[0]
             tiles.append(img * keep + 0.5 * (1 - keep))
-    width, height = save_figure(tiles, path, columns=5, padding=1, pad_value=0.0)
-    print(f"wrote {path} ({width}x{height} px)")
+    alphas = ("0 (inside every part)", "0.5", "1 (whole parts)")
+    size = save_figure(tiles, path, columns=5, padding=1, pad_value=0.0,
+                       labels=["image", "parts", "mask, alpha 0", "mask, alpha 0.5", "mask, alpha 1"])
+    print(figure_line(path, size, len(picks), ["image", f"its {k} parts", *(f"the mask at alpha {a}, masked patches "
+                                                                             f"grey" for a in alphas)]))
 
 
 def bench(args, model, num_parts=6):
