@@ -481,10 +481,17 @@ class NonFiniteGuard:
                                      f"the last good one")
 
 
+def number_text(v):
+    """A logged number as text: 4 significant digits, whole numbers from 10 000 on (no 3.282e+04)."""
+    return f"{v:.0f}" if isinstance(v, float) and abs(v) >= 1e4 else f"{v:.4g}" if isinstance(v, float) else f"{v}"
+
+
 class StepLogger:
     """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps for
-    the progress bar (a plain line off a terminal); `epoch_summary` appends a JSON line per epoch to log.jsonl. The
-    epoch's running sums travel in every checkpoint, so an epoch that a resume split is logged whole."""
+    the progress bar (a plain line off a terminal), which show the SHOWN ones; `epoch_summary` appends a JSON line per
+    epoch with all of them to log.jsonl and prints it. The epoch's running sums travel in every checkpoint, so an epoch
+    that a resume split is logged whole."""
+    SHOWN = ("loss", "lr", "images_per_s")  # short lines on any terminal; the other metrics are in the epoch lines
     def __init__(self, dist, output_dir, every=20, total_steps=None):
         self.dist, self.every, self.total_steps = dist, every, total_steps
         self.log_path = Path(output_dir) / "log.jsonl"
@@ -556,12 +563,13 @@ class StepLogger:
             if self.bar is not None:
                 self.bar.update(1)
             if step % self.every == 0:  # the only host sync of the loop: once per log interval
-                shown = self.means()  # and schedule values (floats: lr, momentum) as they are now, not their means
-                shown.update({k: float(v) for k, v in metrics.items() if not torch.is_tensor(v)})
+                shown = self.means(keys=[k for k in self.SHOWN if k in self.sums])
+                # schedule values (floats: lr) as they are now, not their means
+                shown.update({k: float(v) for k, v in metrics.items() if k in self.SHOWN and not torch.is_tensor(v)})
                 now = time.perf_counter()
                 shown.update(self.rates(self.interval_images, self.interval_data, now - self.t_interval))
                 self.interval_images, self.interval_data, self.t_interval = 0, 0.0, now
-                self.show(step, {"loss": shown.pop("loss"), **shown} if "loss" in shown else shown, now)
+                self.show(step, {k: shown[k] for k in self.SHOWN if k in shown}, now)
 
     def start_progress(self, step):
         """A tqdm bar when stdout and stderr are a terminal; else (a file, a job scheduler) a plain line every
@@ -572,13 +580,14 @@ class StepLogger:
             self.bar = tqdm(total=self.total_steps, initial=step - 1, dynamic_ncols=True, mininterval=1.0)
 
     def show(self, step, shown, now):
-        """The running means in the bar, or a line `step 120/1920 loss=... lr=... images_per_s=... eta=0:05:12`."""
+        """The running loss, the lr and images/s in the bar (which has the step and eta), or a line
+        `step 120/1920 loss=... lr=... images_per_s=... eta=0:05:12`."""
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self.bar.set_postfix({k: number_text(v) for k, v in shown.items()}, refresh=False)
             return
         t0, first = self.progress
         eta = int((now - t0) / max(step - first, 1) * (self.total_steps - step))
-        print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()) +
+        print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={number_text(v)}" for k, v in shown.items()) +
               f" eta={eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
 
     def write(self, line, file=None):
@@ -607,7 +616,7 @@ class StepLogger:
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            self.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            self.write(" ".join(f"{k}={number_text(v)}" for k, v in row.items()))
         self.start_epoch()
         return row
 

@@ -2,6 +2,7 @@
 win), each method writes to runs/<method> by default, the log's first line is the resolved command line, and the
 progress is one plain line per event when the output is not a terminal (a bar on a terminal, summaries above it)."""
 import argparse
+import json
 import importlib
 import io
 import re
@@ -307,3 +308,62 @@ def test_log_redirected_to_a_file(tmp_path):
     assert "\r" not in text and lines[0].startswith("pcae.py (recipe imagenet): --data synthetic ")
     assert [line.split()[0] for line in lines if "epoch=" in line] == ["epoch=0", "epoch=1"]
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["5/24", "10/24", "15/24", "20/24"]
+# ------------------------------------------------------------------------------------------ short lines
+def test_step_lines_show_step_loss_lr_images_per_s_and_eta_only(tmp_path, monkeypatch, capsys):
+    """Off a terminal each step line is short (under 100 characters for the tiny run); the epoch line and log.jsonl
+    keep every metric (Latent MIM's similarity monitors, gamma, momentum)."""
+    out, _ = run_cli(monkeypatch, capsys, argv("latent_mim", tmp_path, ""))
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 24 and max(len(line) for line in steps) < 100
+    for line in steps:
+        assert [word.split("=")[0] for word in line.split()[2:]] == ["loss", "lr", "images_per_s", "eta"], line
+    epoch_line = next(line for line in out.splitlines() if line.startswith("epoch=0 "))
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert {"sim_pred", "sim_vis", "sim_target", "gamma", "momentum"} <= set(logged)
+    assert [word.split("=")[0] for word in epoch_line.split()] == list(logged)
+
+
+def test_the_bar_shows_loss_lr_and_images_per_s(tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1, total_steps=3)
+    for step in range(1, 4):
+        logger.update(step, {"loss": torch.tensor(0.5), "lr": 1e-3, "sim_pred": torch.tensor(0.9), "gamma": 0.7},
+                      images=4, data_time=0.0)
+    logger.bar.refresh()
+    shown = logger.bar.postfix
+    logger.close()
+    monkeypatch.undo()
+    assert [part.split("=")[0] for part in shown.split(", ")] == ["loss", "lr", "images_per_s"]
+
+
+def test_numbers_are_plain():
+    assert [train_utils.number_text(v) for v in (32820.4, 9999.4, 0.5, 4.69e-06, 3, 1e5)] == [
+        "32820", "9999", "0.5", "4.69e-06", "3", "100000"]
+
+
+def test_bench_line_prints_plain_numbers(capsys):
+    from tools import bench
+    bench.bench_report("latent_mim", seconds=32.8204, batch=8, flops_per_image=66.52e9, device=torch.device("cpu"))
+    assert capsys.readouterr().out.strip() == ("bench=latent_mim device=cpu batch=8 ms_per_step=32820 "
+                                               "images_per_s=0.2438 gflop_per_image=66.52")
+
+
+def test_the_linear_probe_prints_about_ten_epoch_lines_the_last_and_the_best(capsys):
+    """90 epochs: every 9th epoch's line (10 lines, the last among them) and the best epoch's; not 90 lines."""
+    import eval_probe
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.arange(64) % 4
+    head = eval_probe.build_head(8, 4)
+    batches, n = eval_probe.cached_batches(x, y, 32, train_utils.Dist("cpu"))
+    result = eval_probe.fit_linear_head(head, batches, n, (x, y), train_utils.Dist("cpu"), epochs=90,
+                                        warmup_epochs=10, lr=1.0)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"epoch {e}" for e in range(8, 90, 9)] + ["best"]
+    best = max(result["history"], key=lambda row: row["top1"])
+    assert lines[-1] == f"best: epoch {best['epoch']}, val top-1 {best['top1']:.2f}  top-5 {best['top5']:.2f}"
+    assert len(result["history"]) == 90  # every epoch is still evaluated and returned
