@@ -410,13 +410,29 @@ def no_weight_decay(name, param):
     return param.ndim <= 1 or name.endswith(".bias")
 
 
+_loaded_teachers = {}  # --teacher path -> the ViT that teacher_architecture loaded, taken (once) by main_parts
+
+
+def teacher_architecture(args):
+    """`parts`' fill_in (run_main, before it echoes the configuration): with a teacher checkpoint the architecture is
+    the teacher's, so --model and --patch-size are set to its preset (the preset of its width, depth and heads, else
+    'custom') and patch size, not left at defaults that are not built."""
+    if args.teacher == "random":
+        return
+    teacher = _loaded_teachers[args.teacher] = load_vit(args.teacher)
+    c = teacher.config
+    args.model = next((name for name, (d, n, h, _) in VIT_PRESETS.items()
+                       if (d, n, h) == (c["embed_dim"], c["depth"], c["num_heads"])), "custom")
+    args.patch_size = c["patch_size"]
+
+
 def main_parts(args):
     args.out = args.out or str(Path(args.output_dir) / "parts.pt")
     if args.teacher == "random":
         torch.manual_seed(args.seed)
         teacher = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
     else:
-        teacher = load_vit(args.teacher)
+        teacher = _loaded_teachers.pop(args.teacher, None) or load_vit(args.teacher)
     if teacher.config["img_size"] != args.input_size:
         raise UserError(f"the teacher {args.teacher} works at {teacher.config['img_size']} px; pass --input-size "
                         f"{teacher.config['img_size']}")
@@ -527,10 +543,12 @@ PRETRAIN_RECIPES = {  # --recipe NAME of `pretrain`
 
 def build_parser():
     parser = ArgumentParser(prog="semmae.py", description="SemMAE: stage A learns semantic parts, stage B pretrains "
-                                                          "an MAE with semantic-guided masking")
+                                                          "an MAE with semantic-guided masking",
+                            example="python semmae.py pretrain --recipe demo-teacher --data synthetic (the synthetic "
+                                    "pipeline: docs/semmae.md)")
     sub = parser.add_subparsers(dest="command", required=True)
     pa = add_common_args(sub.add_parser("parts", help="stage A: semantic part learning -> parts file",
-                                        recipes=PARTS_RECIPES), "semmae-parts")
+                                        recipes=PARTS_RECIPES, fill_in=teacher_architecture), "semmae-parts")
     pa.add_argument("--teacher", required=True, help="frozen ViT checkpoint (ours, MAE, DINO, iBOT); 'random' for "
                                                     "smoke runs")
     pa.add_argument("--out", default=None, help="parts file to write (part ids for every training image; default: "
@@ -540,7 +558,11 @@ def build_parser():
     pa.add_argument("--dec-channels", type=int, default=256, help="width of the StyleGAN-like decoder (halved per x2)")
     pa.add_argument("--preview", default=None, help="PNG of the parts (default: next to --out)")
     pa.add_argument("--vis", default=None, help="write a preview PNG of the current model and exit")
-    pa.free_on_resume("out", "preview", "vis")
+    # --model / --patch-size: a teacher checkpoint sets them (teacher_architecture; the teacher's path is compared)
+    pa.free_on_resume("out", "preview", "vis", "model", "patch_size")
+    for action in pa._actions:
+        if action.dest in ("model", "patch_size"):
+            action.help += "; of --teacher random (a teacher checkpoint has its own)"
     # (decision) the paper gives no stage-A recipe; a short run is enough for a small head and decoder
     pa.set_defaults(epochs=20, warmup_epochs=2, blr=1e-3, weight_decay=0.05)
 

@@ -308,6 +308,67 @@ def test_log_redirected_to_a_file(tmp_path):
     assert "\r" not in text and lines[0].startswith("pcae.py (recipe imagenet): --data synthetic ")
     assert [line.split()[0] for line in lines if "epoch=" in line] == ["epoch=0", "epoch=1"]
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["5/24", "10/24", "15/24", "20/24"]
+
+
+# --------------------------------------------------------------------------------- a recipe with fewer epochs
+def test_a_recipe_shortened_by_epochs_scales_its_warmup_and_says_so(tmp_path, monkeypatch, capsys):
+    """`--recipe demo --epochs 1` runs: the demo's 3 warm-up epochs of 60 become 0.05 (one note line under the
+    configuration); a --warmup-epochs of the user's own is kept, and refused where it exceeds --epochs."""
+    small = ["--synthetic-size", "64", "--num-workers", "0", "--proj-dim", "64", "--decoder-dim", "32",
+             "--decoder-heads", "2", "--output-dir", str(tmp_path / "run")]
+    out, err = run_cli(monkeypatch, capsys, ["--recipe", "demo", "--data", "synthetic", "--epochs", "1", *small])
+    lines = out.splitlines()
+    assert err == "" and " --epochs 1 --warmup-epochs 0.05 " in lines[0]
+    assert lines[1] == ("note: warm-up 0.05 epochs: --recipe demo's 3 of 60 epochs in proportion to --epochs 1 "
+                        "(--warmup-epochs sets it)")
+    ckpt = train_utils.load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["args"]["warmup_epochs"]) == (1, 1, 0.05)
+    assert parse("latent_mim", "--recipe", "demo", "--epochs", "120").warmup_epochs == 6  # in proportion, also up
+    assert parse("latent_mim", "--epochs", "100").warmup_epochs == 5  # the defaults (imagenet): 40 of 800
+    assert parse("semmae", "--recipe", "demo", "--epochs", "5").warmup_epochs == 0.5  # a sub-command's recipe
+    for flags in (["--recipe", "demo"], ["--recipe", "demo", "--epochs", "60"], ["--recipe", "demo", "--epochs", "1",
+                                                                                 "--warmup-epochs", "0.5"]):
+        args = parse("latent_mim", *flags)
+        assert args.notes == [] and args.warmup_epochs == (0.5 if "0.5" in flags else 3)
+    for explicit in ("2", "3"):  # the user's own contradiction stays an error
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(monkeypatch, capsys, ["--recipe", "demo", "--data", "synthetic", "--epochs", "1",
+                                          "--warmup-epochs", explicit, *small])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == "error: --warmup-epochs must be between 0 and --epochs"
+
+
+def test_a_missing_or_unknown_stage_names_both_and_gives_an_example(capsys):
+    import semmae
+    parser = semmae.build_parser()
+    for words, got in ((["--data", "synthetic"], ", not 'synthetic'"), ([], "")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(words)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err[-1] == (
+            f"semmae.py: error: the first word must be the stage: `parts` (stage A: semantic part learning -> parts "
+            f"file) or `pretrain` (stage B: MAE with semantic-guided masking){got}; e.g. {parser.example}")
+    example = shlex.split(parser.example.split(" (")[0])  # the example parses
+    assert example[:2] == ["python", "semmae.py"] and parser.parse_args(example[2:]).command == "pretrain"
+
+
+def test_stage_a_echoes_the_architecture_of_its_teacher_checkpoint(tmp_path, monkeypatch, capsys):
+    """A teacher checkpoint decides what stage A builds: its echo shows the teacher's preset and patch size (a micro
+    ViT here), not the --model default."""
+    import semmae
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pth"
+    train_utils.save_checkpoint(teacher, train_utils.encoder_export(common.build_vit("micro", img_size=32), "test"))
+    flags = [str(teacher) if a == "random" else a for a in argv("semmae-parts", tmp_path, "", "--max-steps", "1")]
+    del flags[flags.index("--model"):flags.index("--model") + 2]  # --model left at its default, base
+    monkeypatch.setattr(sys, "argv", ["semmae.py", *flags])
+    train_utils.run_main(semmae.main, semmae.build_parser())
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("semmae.py parts (recipe imagenet): ") and " --model micro --patch-size 8 " in first
+    assert " --model base" not in first and f"--teacher {teacher}" in first
+    assert parse("semmae-parts").model == "base"  # --teacher random builds --model
+
+
 # ------------------------------------------------------------------------------------------ short lines
 def test_step_lines_show_step_loss_lr_images_per_s_and_eta_only(tmp_path, monkeypatch, capsys):
     """Off a terminal each step line is short (under 100 characters for the tiny run); the epoch line and log.jsonl
