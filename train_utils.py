@@ -40,6 +40,13 @@ def _note_stop_signal(signum, frame):  # only noted: the loop saves after the cu
     _stop_signal[0] = _stop_signal[0] or signum  # the first names the stop (torchrun may send SIGTERM after SIGINT)
 
 
+INTERRUPT_NOTE = b"\nCtrl-C: stopping after this step, which is saved (Ctrl-C again stops at once, without saving)\n"
+# torchrun passes a Ctrl-C on as SIGINT, a second one as SIGTERM (also a stop request), and kills the workers after
+# its --shutdown-timeout: the workers' own Ctrl-C never reaches them, they stop when the step is saved
+INTERRUPT_NOTE_TORCHRUN = (b"\nSIGINT from torchrun: stopping after this step, which is saved (torchrun kills the "
+                           b"workers if that takes longer than its --shutdown-timeout, 30 s by default)\n")
+
+
 def _on_interrupt(signum, frame):
     """SIGINT (Ctrl-C, or torchrun passing one on): during a training loop the first is a stop request as SIGTERM is;
     a second one, or one outside a training loop (an evaluation, the start-up), stops at once (KeyboardInterrupt,
@@ -50,13 +57,6 @@ def _on_interrupt(signum, frame):
             os.write(2, INTERRUPT_NOTE_TORCHRUN if "TORCHELASTIC_RUN_ID" in os.environ else INTERRUPT_NOTE)
         return
     raise KeyboardInterrupt
-
-
-INTERRUPT_NOTE = b"\nCtrl-C: stopping after this step, which is saved (Ctrl-C again stops at once, without saving)\n"
-# torchrun passes a Ctrl-C on as SIGINT, a second one as SIGTERM (also a stop request), and kills the workers after
-# its --shutdown-timeout: the workers' own Ctrl-C never reaches them, they stop when the step is saved
-INTERRUPT_NOTE_TORCHRUN = (b"\nSIGINT from torchrun: stopping after this step, which is saved (torchrun kills the "
-                           b"workers if that takes longer than its --shutdown-timeout, 30 s by default)\n")
 
 
 def interrupted_text():
@@ -111,6 +111,7 @@ def run_main(main, parser):
     args = parser.parse_args()
     set_precision_flags()
     _stop_signal[0], _training[0] = None, None
+    _created_folders.clear()  # only this run's
     previous = {s: signal.signal(s, _note_stop_signal) for s in STOP_SIGNALS}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_interrupt)
     try:
@@ -570,6 +571,7 @@ class StepLogger:
     epoch with all of them to log.jsonl and prints it. The epoch's running sums travel in every checkpoint, so an epoch
     that a resume split is logged whole."""
     SHOWN = ("loss", "lr", "images_per_s")  # short lines on any terminal; the other metrics are in the epoch lines
+
     def __init__(self, dist, output_dir, every=20, total_steps=None):
         self.dist, self.every, self.total_steps = dist, every, total_steps
         self.log_path = Path(output_dir) / "log.jsonl"
@@ -722,6 +724,7 @@ class TrainRun:
 
     It acts only when called, apart from the output folder's lock, taken at the start (OutputLock)."""
     on_disk = None  # optimizer steps done in output-dir/checkpoint.pth (resumed from or written); None: none yet
+
     def __init__(self, args, method, dataset):
         self.args, self.method, self.dataset = args, method, dataset
         self.dist = d = Dist(args.device)

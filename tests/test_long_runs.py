@@ -541,6 +541,40 @@ def test_sigterm_to_one_process_stops_all_after_the_same_step_and_resumes_in_ano
 
 
 @pytest.mark.slow
+def test_ctrl_c_to_torchrun_stops_every_process_after_the_same_saved_step(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun only (its workers have sessions of their own); torchrun passes SIGINT on
+    to every worker: each finishes the same step, the checkpoint holds it, each exits 75 with one line, no traceback;
+    torchrun itself exits 1 (its SignalException). The run then resumes in another layout."""
+    reference = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "8")
+    worker, logs, out = tmp_path / "worker.py", tmp_path / "logs", tmp_path / "ddp"
+    worker.write_text(WORKER.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log-dir",
+           str(logs), "--redirects", "3", str(worker), *argv("pcae", out, ""), "--batch-size", "4"]
+    launcher = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while launcher.poll() is None and time.time() < deadline:
+            if any("step 2/12" in p.read_text() for p in logs.glob("**/0/stdout.log")):  # 12 steps of 2 x 4
+                break
+            time.sleep(0.02)
+        launcher.send_signal(signal.SIGINT)
+        _, torchrun_err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1 and "SignalException" in torchrun_err
+    workers = {int(p.parent.name): p.read_text() for p in logs.glob("**/stderr.log")}
+    assert sorted(workers) == [0, 1] and not any("Traceback" in err for err in workers.values())
+    last = {rank: err.strip().splitlines()[-1] for rank, err in workers.items()}
+    step = int(last[0].split()[4].rstrip(";"))
+    for rank in (0, 1):  # each process got torchrun's SIGINT itself
+        assert last[rank] == (f"stopped: SIGINT after step {step}; {out / 'checkpoint.pth'} holds it: run the same "
+                              f"command to continue")
+    assert train_utils.load_checkpoint(out / "checkpoint.pth")["step"] == step + 1
+    assert_equivalent_runs(reference, run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2"))
+
+
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_every_process_with_exit_3(tmp_path):
     code, codes, workers = torchrun(tmp_path, argv("pcae", tmp_path / "nan", ""), INJECT="nan", INJECT_AT="3")
     assert code == 1 and codes == {0: 3, 1: 3}
