@@ -85,8 +85,8 @@ class ArgumentParser(argparse.ArgumentParser):
             return [], []
         warmup = float(f"{recipe_warmup * epochs / recipe_epochs:.4g}")
         return ["--warmup-epochs", repr(warmup)], [
-            f"warm-up {warmup:g} epochs: --recipe {recipe}'s {recipe_warmup:g} of {recipe_epochs} epochs in proportion "
-            f"to --epochs {epochs} (--warmup-epochs sets it)"]
+            f"warm-up {warmup:g} epochs (--recipe {recipe}'s {recipe_warmup:g} of {recipe_epochs}, scaled to --epochs "
+            f"{epochs}; --warmup-epochs sets it)"]
 
     def error(self, message):
         """argparse's usage error (exit 2); a missing or unknown sub-command also names the sub-commands, what each

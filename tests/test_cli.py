@@ -319,8 +319,8 @@ def test_a_recipe_shortened_by_epochs_scales_its_warmup_and_says_so(tmp_path, mo
     out, err = run_cli(monkeypatch, capsys, ["--recipe", "demo", "--data", "synthetic", "--epochs", "1", *small])
     lines = out.splitlines()
     assert err == "" and " --epochs 1 --warmup-epochs 0.05 " in lines[0]
-    assert lines[1] == ("note: warm-up 0.05 epochs: --recipe demo's 3 of 60 epochs in proportion to --epochs 1 "
-                        "(--warmup-epochs sets it)")
+    assert lines[1] == ("note: warm-up 0.05 epochs (--recipe demo's 3 of 60, scaled to --epochs 1; --warmup-epochs "
+                        "sets it)")
     ckpt = train_utils.load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["step"], ckpt["args"]["warmup_epochs"]) == (1, 1, 0.05)
     assert parse("latent_mim", "--recipe", "demo", "--epochs", "120").warmup_epochs == 6  # in proportion, also up
