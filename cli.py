@@ -31,16 +31,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with every default in --help (also of sub-commands), named recipes (`--recipe NAME` reads the flags
     recipes[NAME] before the command line's, which win, also where they repeat a default; the first recipe should be
-    the papers', no flags) and the flags a resume may change (`free_on_resume`, read by TrainRun)."""
-    def __init__(self, *args, recipes=None, **kwargs):
+    the papers', no flags; a recipe's warm-up follows a shorter --epochs, see `scaled_warmup`), the flags a resume may
+    change (`free_on_resume`, read by TrainRun), `fill_in(args)`: what the flags leave to the run, worked out before
+    the configuration is echoed (see the module function fill_in), and `example`: a command shown when the
+    sub-command is missing or unknown. Parsed arguments carry `notes`, lines that run_main prints under the echo."""
+    def __init__(self, *args, recipes=None, fill_in=None, example=None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-        self.recipes = dict(recipes or {})
+        self.recipes, self.fill_in, self.example = dict(recipes or {}), fill_in, example
         if self.recipes:
             shown = "; ".join(f"{name}: {flags or 'the defaults below'}" for name, flags in self.recipes.items())
             self.add_argument("--recipe", choices=list(self.recipes), default=next(iter(self.recipes)),
                               help=f"a named set of flags, read before the command line's (which win): {shown}")
-        self.free_on_resume("recipe")  # its flags are compared one by one
+        self.free_on_resume("recipe", "notes")  # the recipe's flags are compared one by one
 
     def free_on_resume(self, *dests):
         """Flags that do not change what is trained, so a resume may change them (TrainRun.check_resume)."""
@@ -48,12 +51,65 @@ class ArgumentParser(argparse.ArgumentParser):
         self.set_defaults(resume_free=sorted(free))
 
     def parse_known_args(self, args=None, namespace=None):
+        notes = []
         if self.recipes:  # (a sub-command's parser is called here with its own part of the command line)
             args = sys.argv[1:] if args is None else list(args)
             find = argparse.ArgumentParser(prog=self.prog, add_help=False)  # --recipe only: no error for the others
             find.add_argument("--recipe", choices=list(self.recipes), default=next(iter(self.recipes)))
-            args = self.recipes[find.parse_known_args(args)[0].recipe].split() + args
-        return super().parse_known_args(args, namespace)
+            recipe = find.parse_known_args(args)[0].recipe
+            flags = self.recipes[recipe].split()
+            warmup, notes = self.scaled_warmup(recipe, flags, args)
+            args = flags + args + warmup
+        namespace, rest = super().parse_known_args(args, namespace)
+        namespace.notes = getattr(namespace, "notes", []) + notes  # a sub-command's notes are already there
+        return namespace, rest
+
+    def scaled_warmup(self, recipe, recipe_flags, given):
+        """(["--warmup-epochs", W], [note]) when the command line `given` sets --epochs E but not --warmup-epochs: the
+        recipe's warm-up (its flags', else the default) in proportion, W = recipe warm-up x E / recipe epochs, so that
+        `--recipe demo --epochs 1` runs; else ([], []). A --warmup-epochs of the user's own is never changed."""
+        if not {"epochs", "warmup_epochs"} <= {action.dest for action in self._actions}:
+            return [], []
+        find = argparse.ArgumentParser(add_help=False)  # the two flags only, as the real parser reads them
+        find.add_argument("--epochs")
+        find.add_argument("--warmup-epochs")
+        mine, its = find.parse_known_args(given)[0], find.parse_known_args(recipe_flags)[0]
+        try:
+            epochs = int(mine.epochs)
+            recipe_epochs = int(its.epochs if its.epochs is not None else self.get_default("epochs"))
+            recipe_warmup = float(its.warmup_epochs if its.warmup_epochs is not None else
+                                  self.get_default("warmup_epochs"))
+        except (TypeError, ValueError):  # no --epochs given, or a value the real parser refuses with its own message
+            return [], []
+        if mine.warmup_epochs is not None or epochs == recipe_epochs or recipe_epochs < 1 or epochs < 1:
+            return [], []
+        warmup = float(f"{recipe_warmup * epochs / recipe_epochs:.4g}")
+        return ["--warmup-epochs", repr(warmup)], [
+            f"warm-up {warmup:g} epochs (--recipe {recipe}'s {recipe_warmup:g} of {recipe_epochs}, scaled to --epochs "
+            f"{epochs}; --warmup-epochs sets it)"]
+
+    def error(self, message):
+        """argparse's usage error (exit 2); a missing or unknown sub-command also names the sub-commands, what each
+        does, and the parser's `example`."""
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and (message.startswith(f"argument {sub.dest}: invalid choice") or
+                                message.startswith("the following arguments are required") and sub.dest in message):
+            stages = " or ".join(f"`{a.dest}` ({a.help})" for a in sub._choices_actions)
+            got = message.split("invalid choice: ", 1)[1].split(" (choose", 1)[0] if "invalid choice" in message else ""
+            message = (f"the first word must be the stage: {stages}" + (f", not {got}" if got else "") +
+                       (f"; e.g. {self.example}" if self.example else ""))
+        super().error(message)
+
+
+def fill_in(parser, args):
+    """Call the fill_in(args) of the parser (or of the sub-command's parser) that holds the flags, if it has one: what
+    the flags leave to the run (e.g. the architecture of a teacher checkpoint), set on args before run_main echoes
+    them, so that the echo shows what is built."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return fill_in(action.choices[getattr(args, action.dest)], args)
+    if getattr(parser, "fill_in", None) is not None:
+        parser.fill_in(args)
 
 
 def resolved_command(parser, args):

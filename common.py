@@ -260,17 +260,23 @@ class StepRandom:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(mix_seed(seed, step))
         self.device, self.rows, self.global_batch = device, rows, global_batch
+        if StepRandom._take is StepRandom._draw and "torch._dynamo" in sys.modules:
+            # A generator cannot be traced: under torch.compile the draw runs eagerly and the graph is kept around
+            # it. The decorator imports torch._dynamo (2-7 s), so it is applied here, once torch.compile has loaded
+            # dynamo (a loop makes each step's StepRandom after compiling), not when common.py is imported.
+            StepRandom._take = torch.compiler.disable(StepRandom._draw)
 
     @classmethod
     def for_micro_step(cls, seed, step, micro, batch, world, rank, accum, device):
         start = (micro * world + rank) * batch  # matches ResumableSampler's order
         return cls(seed, step, device, slice(start, start + batch), batch * world * accum)
 
-    @torch.compiler.disable  # a generator cannot be traced: run the draw eagerly, keep the graph around it
-    def _take(self, draw, shape):
+    def _draw(self, draw, shape):
         if self.rows is None:  # local use: shape includes the batch
             return draw(shape)
         return draw((self.global_batch, *shape))[self.rows]
+
+    _take = _draw  # torch.compiler.disable(_draw) once torch.compile is in use (see __init__)
 
     def rand(self, *shape):
         """Uniform [0, 1) of shape [B, *shape] (or `shape` itself for a local StepRandom)."""

@@ -226,7 +226,9 @@ def fit_linear_head(head, batches, batches_per_epoch, val, dist, epochs=90, warm
     steps = batches_per_epoch // accum
     if steps == 0:
         raise UserError(f"{batches_per_epoch} batch(es) per epoch is fewer than --accum {accum}")
-    # a bar on rank 0 when the output is a terminal (disable=None); epoch lines are printed either way
+    # a bar on rank 0 when the output is a terminal (disable=None); about ten epoch lines either way, the last and the best
+    evaluations = -(-epochs // eval_every) if eval_every else 1
+    line_every = max(1, round(evaluations / 10))
     bar = tqdm(total=epochs * steps, desc="linear probe", disable=None if dist.is_main else True, dynamic_ncols=True,
                mininterval=1.0)
     history, head_device = [], next(head.parameters()).device
@@ -255,8 +257,11 @@ def fit_linear_head(head, batches, batches_per_epoch, val, dist, epochs=90, warm
             row = {"epoch": epoch, "loss": float(dist.all_reduce_mean(loss_sum / (steps * accum))), "top1": top1,
                    "top5": top5}
             history.append(row)
-            if dist.is_main:
+            if dist.is_main and (len(history) % line_every == 0 or epoch == epochs - 1):
                 bar.write(f"epoch {epoch}: loss {row['loss']:.4f}  val top-1 {top1:.2f}  top-5 {top5:.2f}")
+    best = max(history, key=lambda r: r["top1"])
+    if dist.is_main:
+        bar.write(f"best: epoch {best['epoch']}, val top-1 {best['top1']:.2f}  top-5 {best['top5']:.2f}")
     bar.close()
     return {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "max_top1": max(r["top1"] for r in history),
             "history": history}

@@ -36,15 +36,39 @@ def sample_across_classes(dataset, n, seed):
     return [i for _, _, i in sorted(ranked)[:n]]
 
 
-def save_figure(tiles, path, columns, padding, pad_value=1.0):
+LABEL_HEIGHT = 16  # px of the strip of column labels above a figure (PIL's built-in font is about 11 px high)
+
+
+def save_figure(tiles, path, columns, padding, pad_value=1.0, labels=None):
     """Save images [N, 3, h, w] (or a list of [3, h, w]) in [0, 1] as a PNG grid of `columns` per row, each enlarged
     by the smallest integer factor that makes a row at least FIGURE_MIN_WIDTH px wide, by repeating pixels (nearest
-    neighbour: patches stay crisp squares). Returns the PNG's (width, height)."""
-    from torchvision.utils import make_grid, save_image
+    neighbour: patches stay crisp squares). labels: one short text per column, drawn centred above it in a strip of
+    LABEL_HEIGHT px (PIL's built-in font; a text wider than its column is cut). Returns the PNG's (width, height)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
     tiles = torch.stack(list(tiles)) if isinstance(tiles, (list, tuple)) else tiles
     k = max(1, math.ceil((FIGURE_MIN_WIDTH - (columns + 1) * padding) / (columns * tiles.shape[-1])))
     grid = make_grid(tiles.repeat_interleave(k, -2).repeat_interleave(k, -1), nrow=columns, padding=padding,
                      pad_value=pad_value)
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()  # as save_image
+    figure = Image.fromarray(pixels)
+    if labels:
+        width, background = figure.width, round(255 * pad_value)
+        figure = Image.new("RGB", (width, figure.height + LABEL_HEIGHT), (background,) * 3)
+        figure.paste(Image.fromarray(pixels), (0, LABEL_HEIGHT))
+        draw, font, ink = ImageDraw.Draw(figure), ImageFont.load_default(), (0,) * 3 if pad_value > 0.5 else (255,) * 3
+        column = k * tiles.shape[-1]
+        for c, text in enumerate(labels):
+            while len(text) > 1 and draw.textlength(text, font=font) > column:
+                text = text[:-2] + "."
+            left = padding + c * (column + padding) + (column - draw.textlength(text, font=font)) / 2
+            top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]
+            draw.text((left, (LABEL_HEIGHT - top - bottom) / 2), text, fill=ink, font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return grid.shape[2], grid.shape[1]
+    figure.save(path)
+    return figure.size
+
+
+def figure_line(path, size, rows, columns):
+    """The line a script prints for its figure: where, how large, and what each column shows."""
+    return f"wrote {path} ({size[0]}x{size[1]} px), {rows} images; columns: {' | '.join(columns)}"

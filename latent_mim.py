@@ -23,7 +23,7 @@ from common import (Attention, MAEDecoder, Mlp, SeededDataset, StepRandom, build
                     cosine_schedule, ema_momentum, ema_update, gather_tokens, image_transform,
                     init_weights_mae, mix_seed, patchify, pretrain_transform, random_masking, set_lr,
                     standardize_tokens)
-from figures import denormalize, sample_across_classes, save_figure
+from figures import denormalize, figure_line, sample_across_classes, save_figure
 from train_utils import TrainRun, autocast, pick_device, run_main
 
 METHOD = "latent_mim"
@@ -371,9 +371,21 @@ def train_dataset(args):
 
 
 # ------------------------------------------------------------------------------------------------ figure and bench
+def outline(panel, top, left, size, colour):
+    """A 1-px square frame of `size` px from (top, left) on panel [3, H, W], clipped to it."""
+    H, W = panel.shape[-2:]
+    rows, cols = slice(max(top, 0), min(top + size, H)), slice(max(left, 0), min(left + size, W))
+    for r in {top, top + size - 1} & set(range(H)):
+        panel[:, r, cols] = colour
+    for c in {left, left + size - 1} & set(range(W)):
+        panel[:, rows, c] = colour
+
+
 def write_vis(args, model, n=4):
-    """Per image: the training crop; the jittered grid (pixels the encoders never see dimmed); visible patches at
-    full brightness and target patches tinted red. The images come from different classes (sample_across_classes)."""
+    """Per image: the training crop; the jittered grid (pixels the encoders never see dimmed); the patches as they
+    are, the targets outlined in red (a tint hid the targets of reddish images). The outline runs 1 px outside the
+    patch, in the gap, where no other patch is (offsets stay below the gap); without a gap, on the patch's edge.
+    Labelled columns; the images come from different classes (sample_across_classes)."""
     dataset = train_dataset(args)
     picks = sample_across_classes(dataset.base, n, args.seed)
     n = len(picks)
@@ -384,18 +396,23 @@ def write_vis(args, model, n=4):
     V = model.num_visible
     vis_ids, _ = random_masking(rng.rand(grid * grid), V)
     jitter, roles = 0.2 * imgs, torch.zeros_like(imgs)
-    red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
+    red, ring = torch.tensor([1.0, 0.1, 0.1]).view(3, 1), int(args.gap > 0)
     for b in range(n):
         visible = set(vis_ids[b].tolist())
         for k in range(grid * grid):
             y, x = (k // grid) * cell + int(offsets[b, k, 0]), (k % grid) * cell + int(offsets[b, k, 1])
             crop = imgs[b, :, y:y + patch, x:x + patch]
             jitter[b, :, y:y + patch, x:x + patch] = crop
-            roles[b, :, y:y + patch, x:x + patch] = crop if k in visible else 0.3 * crop + 0.5 * red
+            roles[b, :, y:y + patch, x:x + patch] = crop
+            if k not in visible:
+                outline(roles[b], y - ring, x - ring, patch + 2 * ring, red)
     panels = torch.stack([imgs, jitter, roles], 1).flatten(0, 1)  # [3n, 3, crop, crop]
-    width, height = save_figure(panels, args.vis, columns=3, padding=4)
-    print(f"wrote {args.vis} ({width}x{height} px): {n} images x (crop {args.crop_size}px | jittered {grid}x{grid} "
-          f"grid, gap {args.gap} | {V} visible, {grid * grid - V} targets in red)")
+    T = grid * grid - V
+    size = save_figure(panels, args.vis, columns=3, padding=4, labels=[
+        f"crop {args.crop_size} px", f"{grid}x{grid} grid, gap {args.gap}", f"{V} visible, {T} targets (red)"])
+    print(figure_line(args.vis, size, n, [f"training crop ({args.crop_size} px)", f"the jittered {grid}x{grid} grid, "
+                                          f"gap {args.gap} (pixels no encoder sees dimmed)", f"{V} visible patches, "
+                                          f"{T} target patches outlined in red"]))
 
 
 def bench(args, model):

@@ -27,7 +27,7 @@ from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_
 from common import (MAEDecoder, SeededDataset, StepRandom, build_adamw, build_dataset, build_vit, ema_momentum,
                     ema_update, eval_transform, gather_tokens, image_transform, patchify, pretrain_transform,
                     random_masking, set_lr, standardize_tokens, unpatchify)
-from figures import denormalize, sample_across_classes, save_figure
+from figures import denormalize, figure_line, sample_across_classes, save_figure
 from train_utils import TrainRun, autocast, load_state, load_training_checkpoint, pick_device, run_main
 
 
@@ -329,9 +329,11 @@ def visualize(args, model):
         shown = torch.zeros(n, model.num_patches).scatter_(1, ids.cpu(), 1.0)  # [n, L]
         shown = unpatchify(shown[:, :, None].expand(-1, -1, patches.shape[2]), model.patch_size)  # [n, 3, H, W]
         columns.append(pixels * shown + 0.5 * (1 - shown))  # hidden patches grey
-    width, height = save_figure(torch.stack(columns, 1).flatten(0, 1), args.vis, columns=len(columns), padding=2)
-    print(f"wrote {args.vis} ({width}x{height} px): columns = image, visible, teacher input, kept after blocks "
-          f"{model.drop_after}")
+    blocks = [f"after block {b}" for b in model.drop_after]
+    size = save_figure(torch.stack(columns, 1).flatten(0, 1), args.vis, columns=len(columns), padding=2,
+                       labels=["image", "visible", "teacher input", *blocks])
+    print(figure_line(args.vis, size, n, ["image", "the student's visible patches", "the teacher's input (the masked "
+                                          "patches)", *[f"the teacher's tokens kept {b}" for b in blocks]]))
     return args.vis
 
 

@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
-from common import (IMAGENET_MEAN, IMAGENET_STD, MAEDecoder, SeededDataset, StepRandom, build_adamw, build_dataset,
-                    build_vit, gather_tokens, image_transform, make_loader, patchify, preset_patch_size,
+from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MAEDecoder, SeededDataset, StepRandom, build_adamw,
+                    build_dataset, build_vit, gather_tokens, image_transform, make_loader, patchify, preset_patch_size,
                     pretrain_transform, random_masking, set_lr, standardize_tokens)
-from figures import denormalize, sample_across_classes, save_figure
+from figures import denormalize, figure_line, sample_across_classes, save_figure
 from train_utils import (TrainRun, autocast, gather_rows, load_checkpoint, load_vit, pick_device, run_main,
                          save_checkpoint)
 
@@ -362,16 +362,21 @@ def train(args, run, model, ddp_model, optimizer, schedule_alpha=False):
 @torch.no_grad()
 def preview_parts(model, base, path, device, seed, count=8):
     """PNG, one row per image (of different classes, sample_across_classes): the image, its reconstruction, its
-    parts and the parts over the image."""
+    parts and the parts over the image, in labelled columns."""
     data, size = SeededDataset(base, image_transform(part_transform(model.img_size, train=False))), model.img_size
-    imgs = torch.stack([data[i][0] for i in sample_across_classes(base, count, seed)]).to(device)  # bad files: skipped
+    picks = sample_across_classes(base, count, seed)
+    imgs = torch.stack([data[i][0] for i in picks]).to(device)  # an unreadable image: the next one of its class
     model.eval()
     cls, maps = model.maps(imgs)
     tiles = []
     for img, rec, pid in zip(denormalize(imgs), denormalize(model.decode(maps, cls)), maps.argmax(1)):
         col = colorize(pid, size)
         tiles += [img, rec, col, 0.5 * img + 0.5 * col]
-    save_figure(tiles, path, columns=4, padding=1, pad_value=0.0)
+    size = save_figure(tiles, path, columns=4, padding=1, pad_value=0.0,
+                       labels=["image", "reconstruction", "parts", "parts over image"])
+    print(figure_line(path, size, len(picks), ["image", "its reconstruction from the part maps alone", f"its "
+                                               f"{model.num_parts} parts (argmax per patch)", "the parts over the image"]),
+          flush=True)
 
 
 @torch.no_grad()
@@ -407,13 +412,29 @@ def no_weight_decay(name, param):
     return param.ndim <= 1 or name.endswith(".bias")
 
 
+_loaded_teachers = {}  # --teacher path -> the ViT that teacher_architecture loaded, taken (once) by main_parts
+
+
+def teacher_architecture(args):
+    """`parts`' fill_in (run_main, before it echoes the configuration): with a teacher checkpoint the architecture is
+    the teacher's, so --model and --patch-size are set to its preset (the preset of its width, depth and heads, else
+    'custom') and patch size, not left at defaults that are not built."""
+    if args.teacher == "random":
+        return
+    teacher = _loaded_teachers[args.teacher] = load_vit(args.teacher)
+    c = teacher.config
+    args.model = next((name for name, (d, n, h, _) in VIT_PRESETS.items()
+                       if (d, n, h) == (c["embed_dim"], c["depth"], c["num_heads"])), "custom")
+    args.patch_size = c["patch_size"]
+
+
 def main_parts(args):
     args.out = args.out or str(Path(args.output_dir) / "parts.pt")
     if args.teacher == "random":
         torch.manual_seed(args.seed)
         teacher = build_vit(args.model, patch_size=args.patch_size, img_size=args.input_size)
     else:
-        teacher = load_vit(args.teacher)
+        teacher = _loaded_teachers.pop(args.teacher, None) or load_vit(args.teacher)
     if teacher.config["img_size"] != args.input_size:
         raise UserError(f"the teacher {args.teacher} works at {teacher.config['img_size']} px; pass --input-size "
                         f"{teacher.config['img_size']}")
@@ -438,11 +459,11 @@ def main_parts(args):
 # ==================================================================================================== stage B CLI
 def vis_masks(args, base, parts, path, count=4):
     """PNG, one row per image (of different classes, sample_across_classes): the image, its part map and the masks
-    at alpha 0, 0.5 and 1 (masked patches greyed)."""
+    at alpha 0, 0.5 and 1 (masked patches greyed), in labelled columns."""
     k, p, s = parts["num_parts"], preset_patch_size(args.model, args.patch_size), args.input_size
     grid, data = s // p, SeededDataset(WithParts(base, parts["part_ids"]), joint_transform(s, p, k, train=False))
-    tiles = []
-    for i in sample_across_classes(base, count, args.seed):
+    tiles, picks = [], sample_across_classes(base, count, args.seed)
+    for i in picks:
         img, ids, _, _ = data[i]  # an unreadable image: the next readable one of its class, as in training
         img = denormalize(img)
         tiles += [img, colorize(ids.view(grid, grid), s)]
@@ -452,8 +473,11 @@ def vis_masks(args, base, parts, path, count=4):
             keep = torch.ones(grid * grid).index_fill(0, mask_ids[0], 0.0).view(1, 1, grid, grid)
             keep = F.interpolate(keep, size=(s, s), mode="nearest")[0]
             tiles.append(img * keep + 0.5 * (1 - keep))
-    width, height = save_figure(tiles, path, columns=5, padding=1, pad_value=0.0)
-    print(f"wrote {path} ({width}x{height} px)")
+    alphas = ("0 (inside every part)", "0.5", "1 (whole parts)")
+    size = save_figure(tiles, path, columns=5, padding=1, pad_value=0.0,
+                       labels=["image", "parts", "mask, alpha 0", "mask, alpha 0.5", "mask, alpha 1"])
+    print(figure_line(path, size, len(picks), ["image", f"its {k} parts", *(f"the mask at alpha {a}, masked patches "
+                                                                             f"grey" for a in alphas)]))
 
 
 def bench(args, model, num_parts=6):
@@ -521,10 +545,12 @@ PRETRAIN_RECIPES = {  # --recipe NAME of `pretrain`
 
 def build_parser():
     parser = ArgumentParser(prog="semmae.py", description="SemMAE: stage A learns semantic parts, stage B pretrains "
-                                                          "an MAE with semantic-guided masking")
+                                                          "an MAE with semantic-guided masking",
+                            example="python semmae.py pretrain --recipe demo-teacher --data synthetic (the synthetic "
+                                    "pipeline: docs/semmae.md)")
     sub = parser.add_subparsers(dest="command", required=True)
     pa = add_common_args(sub.add_parser("parts", help="stage A: semantic part learning -> parts file",
-                                        recipes=PARTS_RECIPES), "semmae-parts")
+                                        recipes=PARTS_RECIPES, fill_in=teacher_architecture), "semmae-parts")
     pa.add_argument("--teacher", required=True, help="frozen ViT checkpoint (ours, MAE, DINO, iBOT); 'random' for "
                                                     "smoke runs")
     pa.add_argument("--out", default=None, help="parts file to write (part ids for every training image; default: "
@@ -534,7 +560,11 @@ def build_parser():
     pa.add_argument("--dec-channels", type=int, default=256, help="width of the StyleGAN-like decoder (halved per x2)")
     pa.add_argument("--preview", default=None, help="PNG of the parts (default: next to --out)")
     pa.add_argument("--vis", default=None, help="write a preview PNG of the current model and exit")
-    pa.free_on_resume("out", "preview", "vis")
+    # --model / --patch-size: a teacher checkpoint sets them (teacher_architecture; the teacher's path is compared)
+    pa.free_on_resume("out", "preview", "vis", "model", "patch_size")
+    for action in pa._actions:
+        if action.dest in ("model", "patch_size"):
+            action.help += "; of --teacher random (a teacher checkpoint has its own)"
     # (decision) the paper gives no stage-A recipe; a short run is enough for a small head and decoder
     pa.set_defaults(epochs=20, warmup_epochs=2, blr=1e-3, weight_decay=0.05)
 

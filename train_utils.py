@@ -12,14 +12,18 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-from cli import UserError, resolved_command
+from cli import UserError, fill_in, resolved_command
 from common import VIT_PRESETS, DataError, ResumableSampler, StepRandom, ViT, make_loader, warmup_cosine
 
 
 # -------------------------------------------------------------------------------- 1. signals and start-up
 EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_REQUEUE = 2, 3, 75  # 75: EX_TEMPFAIL of sysexits.h, "try again later"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command that Ctrl-C ended
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and Kubernetes send some time before a kill
 _stop_signal = [None]
+_training = [None]  # the TrainRun whose loop a first Ctrl-C stops after its step (from its resume to its finish)
+_created_folders = []  # output folders this process created, removed again if a failed run left them empty
+_locks = weakref.WeakSet()  # the output-folder locks this process holds
 
 
 class Requeue(Exception):
@@ -27,36 +31,108 @@ class Requeue(Exception):
 
 
 def stop_signal():
-    """The stop signal (SIGTERM / SIGUSR1) that this process received since run_main started, or None."""
+    """The stop signal (SIGTERM / SIGUSR1, or a first Ctrl-C during training) received since run_main started, or
+    None."""
     return _stop_signal[0]
 
 
 def _note_stop_signal(signum, frame):  # only noted: the loop saves after the current optimizer step, then exits
-    _stop_signal[0] = signum
+    _stop_signal[0] = _stop_signal[0] or signum  # the first names the stop (torchrun may send SIGTERM after SIGINT)
+
+
+INTERRUPT_NOTE = b"\nCtrl-C: stopping after this step, which is saved (Ctrl-C again stops at once, without saving)\n"
+# torchrun passes a Ctrl-C on as SIGINT, a second one as SIGTERM (also a stop request), and kills the workers after
+# its --shutdown-timeout: the workers' own Ctrl-C never reaches them, they stop when the step is saved
+INTERRUPT_NOTE_TORCHRUN = (b"\nSIGINT from torchrun: stopping after this step, which is saved (torchrun kills the "
+                           b"workers if that takes longer than its --shutdown-timeout, 30 s by default)\n")
+
+
+def _on_interrupt(signum, frame):
+    """SIGINT (Ctrl-C, or torchrun passing one on): during a training loop the first is a stop request as SIGTERM is;
+    a second one, or one outside a training loop (an evaluation, the start-up), stops at once (KeyboardInterrupt,
+    which run_main turns into one line)."""
+    if _training[0] is not None and _stop_signal[0] is None:
+        _stop_signal[0] = signum
+        if _training[0].dist.is_main:  # os.write: a handler may run inside a print, which must not be re-entered
+            os.write(2, INTERRUPT_NOTE_TORCHRUN if "TORCHELASTIC_RUN_ID" in os.environ else INTERRUPT_NOTE)
+        return
+    raise KeyboardInterrupt
+
+
+def interrupted_text():
+    """What a Ctrl-C that stopped the process at once has lost, in words."""
+    run = _training[0]
+    if run is None:
+        return "Ctrl-C; stopped at once (no training step was running: nothing to save)"
+    how = "by a second Ctrl-C" if _stop_signal[0] == signal.SIGINT else "by Ctrl-C"
+    ckpt = run.out / "checkpoint.pth"
+    if not run.on_disk:
+        return (f"stopped at once {how} during step {run.step}; nothing was saved yet ({ckpt} is written at the end "
+                f"of every epoch and every --save-every steps): the same command starts the run again")
+    done = run.step - run.on_disk  # steps finished since the checkpoint: lost
+    lost = ("" if done < 1 else f"step {run.on_disk} is lost, " if done == 1 else
+            f"steps {run.on_disk}-{run.step - 1} are lost, ")
+    return (f"stopped at once {how} during step {run.step}; {lost}{ckpt} holds the run up to step {run.on_disk - 1}: "
+            f"run the same command to continue from there")
+
+
+def quiet_worker(_):
+    """worker_init_fn of the training loader: its worker processes leave Ctrl-C and stop signals to the main process
+    (a Ctrl-C reaches the whole process group), which stops them when it ends."""
+    for s in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def remove_created_folders():
+    """After a run that failed or was stopped before it wrote anything: release this process's locks and remove the
+    output folders it created that are empty (a refused run leaves no trace)."""
+    for lock in list(_locks):
+        lock.release()
+    for folder in _created_folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty folder
+    _created_folders.clear()
+
+
+def close_progress_bars():
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
+        bar.close()
 
 
 def run_main(main, parser):
-    """Start-up of every script: parse the flags, note SIGTERM / SIGUSR1 (the loop saves after the current optimizer
-    step, then stops), run `main(args)`. Errors are one line and an exit code: 2 for a user error (UserError, or a
-    ValueError of a model or the data), 3 for a non-finite loss, 75 after a stop request's checkpoint (under torchrun
-    on every process; torchrun itself then exits 1: docs/long_runs.md)."""
+    """Start-up of every script: parse the flags, fill in what the flags leave to the run (cli.fill_in), print the
+    whole configuration, note SIGTERM / SIGUSR1 / a first Ctrl-C in training (the loop saves after the current
+    optimizer step, then stops), run `main(args)`. Errors are one line and an exit code: 2 for a user error
+    (UserError, or a ValueError of a model or the data), 3 for a non-finite loss, 75 after a stop request's checkpoint
+    (under torchrun on every process; torchrun itself then exits 1: docs/long_runs.md), 130 for a Ctrl-C that stopped
+    at once (a second one in training, any outside it). Output folders that the run created and left empty are
+    removed again."""
     args = parser.parse_args()
-    if int(os.environ.get("RANK", 0)) == 0:  # the log's first line: the whole configuration of the run
-        print(resolved_command(parser, args), flush=True)
     set_precision_flags()
-    _stop_signal[0] = None
+    _stop_signal[0], _training[0] = None, None
+    _created_folders.clear()  # only this run's
     previous = {s: signal.signal(s, _note_stop_signal) for s in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_interrupt)
     try:
+        fill_in(parser, args)
+        if int(os.environ.get("RANK", 0)) == 0:  # the log's first line: the whole configuration of the run
+            print(resolved_command(parser, args), flush=True)
+            for note in getattr(args, "notes", ()):
+                print(f"note: {note}", flush=True)
         main(args)
     except (ValueError, FloatingPointError, Requeue) as e:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
-            bar.close()
+        close_progress_bars()
         print(f"{'stopped' if isinstance(e, Requeue) else 'error'}: {e}", file=sys.stderr)
         sys.exit(EXIT_REQUEUE if isinstance(e, Requeue) else EXIT_USER_ERROR if isinstance(e, ValueError) else
                  EXIT_NON_FINITE)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(f"interrupted: {interrupted_text()}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
-        _stop_signal[0] = None
+        remove_created_folders()
+        _stop_signal[0], _training[0] = None, None
         # Under torchrun, a process that exits with an error code makes torchrun SIGTERM the others, which may be
         # exiting with the same code: they ignore it (SIG_IGN also holds through Python's shutdown) to keep theirs.
         several = int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -286,9 +362,11 @@ LOCK_UNWRITTEN_S = 10  # an empty or unreadable lock older than this is stale: i
 
 def check_output_dir(path, prepare=None):
     """Create the output directory and check that it is writable before hours of training; prepare(path) runs in
-    between (TrainRun: the lock, then the clean-up of what a killed save left)."""
+    between (TrainRun: the lock, then the clean-up of what a killed save left). The folders it creates are noted:
+    run_main removes them again if the run ends with them empty (refused, or stopped before its first save)."""
     path = Path(path)
     try:
+        _created_folders[:0] = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
         path.mkdir(parents=True, exist_ok=True)
         if prepare is not None:
             prepare(path)
@@ -380,6 +458,7 @@ class OutputLock:
             waited += poll
         self.stop = threading.Event()
         self.release = weakref.finalize(self, release_lock, self.path, self.stop, json.dumps(self.me))
+        _locks.add(self)
 
     def holder(self):
         """(text of the lock file, its owner in words, state): 'ours' (this process), 'ended' (stale), 'live' (a
@@ -481,10 +560,18 @@ class NonFiniteGuard:
                                      f"the last good one")
 
 
+def number_text(v):
+    """A logged number as text: 4 significant digits, whole numbers from 10 000 on (no 3.282e+04)."""
+    return f"{v:.0f}" if isinstance(v, float) and abs(v) >= 1e4 else f"{v:.4g}" if isinstance(v, float) else f"{v}"
+
+
 class StepLogger:
     """Rank 0 progress and logs. Metrics are summed as device tensors and read (one host sync) every `every` steps for
-    the progress bar (a plain line off a terminal); `epoch_summary` appends a JSON line per epoch to log.jsonl. The
-    epoch's running sums travel in every checkpoint, so an epoch that a resume split is logged whole."""
+    the progress bar (a plain line off a terminal), which show the SHOWN ones; `epoch_summary` appends a JSON line per
+    epoch with all of them to log.jsonl and prints it. The epoch's running sums travel in every checkpoint, so an epoch
+    that a resume split is logged whole."""
+    SHOWN = ("loss", "lr", "images_per_s")  # short lines on any terminal; the other metrics are in the epoch lines
+
     def __init__(self, dist, output_dir, every=20, total_steps=None):
         self.dist, self.every, self.total_steps = dist, every, total_steps
         self.log_path = Path(output_dir) / "log.jsonl"
@@ -556,12 +643,13 @@ class StepLogger:
             if self.bar is not None:
                 self.bar.update(1)
             if step % self.every == 0:  # the only host sync of the loop: once per log interval
-                shown = self.means()  # and schedule values (floats: lr, momentum) as they are now, not their means
-                shown.update({k: float(v) for k, v in metrics.items() if not torch.is_tensor(v)})
+                shown = self.means(keys=[k for k in self.SHOWN if k in self.sums])
+                # schedule values (floats: lr) as they are now, not their means
+                shown.update({k: float(v) for k, v in metrics.items() if k in self.SHOWN and not torch.is_tensor(v)})
                 now = time.perf_counter()
                 shown.update(self.rates(self.interval_images, self.interval_data, now - self.t_interval))
                 self.interval_images, self.interval_data, self.t_interval = 0, 0.0, now
-                self.show(step, {"loss": shown.pop("loss"), **shown} if "loss" in shown else shown, now)
+                self.show(step, {k: shown[k] for k in self.SHOWN if k in shown}, now)
 
     def start_progress(self, step):
         """A tqdm bar when stdout and stderr are a terminal; else (a file, a job scheduler) a plain line every
@@ -572,13 +660,14 @@ class StepLogger:
             self.bar = tqdm(total=self.total_steps, initial=step - 1, dynamic_ncols=True, mininterval=1.0)
 
     def show(self, step, shown, now):
-        """The running means in the bar, or a line `step 120/1920 loss=... lr=... images_per_s=... eta=0:05:12`."""
+        """The running loss, the lr and images/s in the bar (which has the step and eta), or a line
+        `step 120/1920 loss=... lr=... images_per_s=... eta=0:05:12`."""
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self.bar.set_postfix({k: number_text(v) for k, v in shown.items()}, refresh=False)
             return
         t0, first = self.progress
         eta = int((now - t0) / max(step - first, 1) * (self.total_steps - step))
-        print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()) +
+        print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={number_text(v)}" for k, v in shown.items()) +
               f" eta={eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", flush=True)
 
     def write(self, line, file=None):
@@ -607,7 +696,7 @@ class StepLogger:
         if self.dist.is_main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            self.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            self.write(" ".join(f"{k}={number_text(v)}" for k, v in row.items()))
         self.start_epoch()
         return row
 
@@ -634,6 +723,8 @@ class TrainRun:
         run.finish()
 
     It acts only when called, apart from the output folder's lock, taken at the start (OutputLock)."""
+    on_disk = None  # optimizer steps done in output-dir/checkpoint.pth (resumed from or written); None: none yet
+
     def __init__(self, args, method, dataset):
         self.args, self.method, self.dataset = args, method, dataset
         self.dist = d = Dist(args.device)
@@ -702,6 +793,7 @@ class TrainRun:
         from --resume, which only seeds a new run (so a requeued command continues its own checkpoint). Every process
         loads process 0's file and must find the same position; `check_resume` refuses other settings."""
         self.model, self.optimizer, self.encoder = model, optimizer, encoder
+        _training[0] = self  # from here on a first Ctrl-C saves a step before the run stops (run_main)
         path = self.all_processes(self.checkpoint_to_resume)[0]
         if path is None:
             return
@@ -730,6 +822,24 @@ class TrainRun:
         self.current_lr = ckpt.get("lr", 0.0)
         self.logger.load_state(ckpt.get("log"))
         self.dist.print(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+        if Path(path).resolve() == (self.out / "checkpoint.pth").resolve():
+            self.on_disk = self.step
+        if self.epoch >= self.args.epochs or self.args.max_steps and self.step >= self.args.max_steps:
+            self.dist.print(self.nothing_to_train(path))
+
+    def nothing_to_train(self, path):
+        """The line of a rerun whose checkpoint has already done what the command asks: where it is, what comes next."""
+        a = self.args
+        if self.epoch < a.epochs:
+            return (f"nothing to train: {path} is at step {self.step}, the --max-steps {a.max_steps} of this command; "
+                    f"raise --max-steps, or leave it out, to go on")
+        done = f"this run is complete: {path} holds its {a.epochs} epoch{'s' * (a.epochs > 1)} ({self.step} steps)"
+        if self.method == "finetune":
+            return (f"{done}; its evaluations are in {self.out / 'log.jsonl'}, its best weights in "
+                    f"{self.out / 'checkpoint-best.pth'}")
+        if self.method == "semmae-parts":
+            return f"{done}; writing its parts file {a.out} again"
+        return f"{done}; evaluate it: python eval_probe.py --ckpt {path} --data {a.data} --mode knn"
 
     def checkpoint_to_resume(self):
         """Process 0: output-dir/checkpoint.pth when there is one, else --resume, else None (a new run)."""
@@ -777,6 +887,8 @@ class TrainRun:
         """The global numbers of the optimizer steps left in the current epoch, ending early at --max-steps; starts
         this process's micro-batches of the epoch from the saved position on (`next_batch`)."""
         self.sampler.epoch, self.sampler.start_chunk = self.epoch, self.epoch_step * self.args.accum
+        if self.loader.num_workers and self.loader.worker_init_fn is None:  # before the (persistent) workers start
+            self.loader.worker_init_fn = quiet_worker
         self.batches = iter(self.loader) if self.decoder is None else self.decoder.batches(iter(self.loader))
         end = self.step + self.steps_per_epoch - self.epoch_step
         if self.args.max_steps:
@@ -845,6 +957,7 @@ class TrainRun:
 
     def exit_for_requeue(self):
         """After a stop request's checkpoint: every process stops with exit code EXIT_REQUEUE (75, run_main)."""
+        _training[0] = None  # saved: a Ctrl-C from here on stops at once
         self.logger.close()
         if self.lock is not None:
             self.lock.release()
@@ -875,10 +988,11 @@ class TrainRun:
             if keep and self.epoch_step == 0 and self.epoch % keep == 0:
                 save_checkpoint(self.out / f"checkpoint-{self.epoch:04d}.pth", state)
         self.all_processes(lambda: write() if self.dist.is_main else None)
-        self.saved_at = (self.epoch, self.step)
+        self.saved_at, self.on_disk = (self.epoch, self.step), self.step
 
     def finish(self):
         """After the loop: close the progress bar, wait for every process, unlock the output folder."""
+        _training[0] = None  # a Ctrl-C after the loop (e.g. SemMAE's part extraction) stops at once
         self.logger.close()
         self.dist.barrier()
         if self.lock is not None:

@@ -2,6 +2,7 @@
 win), each method writes to runs/<method> by default, the log's first line is the resolved command line, and the
 progress is one plain line per event when the output is not a terminal (a bar on a terminal, summaries above it)."""
 import argparse
+import json
 import importlib
 import io
 import re
@@ -309,3 +310,123 @@ def test_log_redirected_to_a_file(tmp_path):
     assert "\r" not in text and lines[0].startswith("pcae.py (recipe imagenet): --data synthetic ")
     assert [line.split()[0] for line in lines if "epoch=" in line] == ["epoch=0", "epoch=1"]
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["5/24", "10/24", "15/24", "20/24"]
+
+
+# --------------------------------------------------------------------------------- a recipe with fewer epochs
+def test_a_recipe_shortened_by_epochs_scales_its_warmup_and_says_so(tmp_path, monkeypatch, capsys):
+    """`--recipe demo --epochs 1` runs: the demo's 3 warm-up epochs of 60 become 0.05 (one note line under the
+    configuration); a --warmup-epochs of the user's own is kept, and refused where it exceeds --epochs."""
+    small = ["--synthetic-size", "64", "--num-workers", "0", "--proj-dim", "64", "--decoder-dim", "32",
+             "--decoder-heads", "2", "--output-dir", str(tmp_path / "run")]
+    out, err = run_cli(monkeypatch, capsys, ["--recipe", "demo", "--data", "synthetic", "--epochs", "1", *small])
+    lines = out.splitlines()
+    assert err == "" and " --epochs 1 --warmup-epochs 0.05 " in lines[0]
+    assert lines[1] == ("note: warm-up 0.05 epochs (--recipe demo's 3 of 60, scaled to --epochs 1; --warmup-epochs "
+                        "sets it)")
+    ckpt = train_utils.load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["args"]["warmup_epochs"]) == (1, 1, 0.05)
+    assert parse("latent_mim", "--recipe", "demo", "--epochs", "120").warmup_epochs == 6  # in proportion, also up
+    assert parse("latent_mim", "--epochs", "100").warmup_epochs == 5  # the defaults (imagenet): 40 of 800
+    assert parse("semmae", "--recipe", "demo", "--epochs", "5").warmup_epochs == 0.5  # a sub-command's recipe
+    for flags in (["--recipe", "demo"], ["--recipe", "demo", "--epochs", "60"], ["--recipe", "demo", "--epochs", "1",
+                                                                                 "--warmup-epochs", "0.5"]):
+        args = parse("latent_mim", *flags)
+        assert args.notes == [] and args.warmup_epochs == (0.5 if "0.5" in flags else 3)
+    for explicit in ("2", "3"):  # the user's own contradiction stays an error
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(monkeypatch, capsys, ["--recipe", "demo", "--data", "synthetic", "--epochs", "1",
+                                          "--warmup-epochs", explicit, *small])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == "error: --warmup-epochs must be between 0 and --epochs"
+
+
+def test_a_missing_or_unknown_stage_names_both_and_gives_an_example(capsys):
+    import semmae
+    parser = semmae.build_parser()
+    for words, got in ((["--data", "synthetic"], ", not 'synthetic'"), ([], "")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(words)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err[-1] == (
+            f"semmae.py: error: the first word must be the stage: `parts` (stage A: semantic part learning -> parts "
+            f"file) or `pretrain` (stage B: MAE with semantic-guided masking){got}; e.g. {parser.example}")
+    example = shlex.split(parser.example.split(" (")[0])  # the example parses
+    assert example[:2] == ["python", "semmae.py"] and parser.parse_args(example[2:]).command == "pretrain"
+
+
+def test_stage_a_echoes_the_architecture_of_its_teacher_checkpoint(tmp_path, monkeypatch, capsys):
+    """A teacher checkpoint decides what stage A builds: its echo shows the teacher's preset and patch size (a micro
+    ViT here), not the --model default."""
+    import semmae
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pth"
+    train_utils.save_checkpoint(teacher, train_utils.encoder_export(common.build_vit("micro", img_size=32), "test"))
+    flags = [str(teacher) if a == "random" else a for a in argv("semmae-parts", tmp_path, "", "--max-steps", "1")]
+    del flags[flags.index("--model"):flags.index("--model") + 2]  # --model left at its default, base
+    monkeypatch.setattr(sys, "argv", ["semmae.py", *flags])
+    train_utils.run_main(semmae.main, semmae.build_parser())
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("semmae.py parts (recipe imagenet): ") and " --model micro --patch-size 8 " in first
+    assert " --model base" not in first and f"--teacher {teacher}" in first
+    assert parse("semmae-parts").model == "base"  # --teacher random builds --model
+
+
+# ------------------------------------------------------------------------------------------ short lines
+def test_step_lines_show_step_loss_lr_images_per_s_and_eta_only(tmp_path, monkeypatch, capsys):
+    """Off a terminal each step line is short (under 100 characters for the tiny run); the epoch line and log.jsonl
+    keep every metric (Latent MIM's similarity monitors, gamma, momentum)."""
+    out, _ = run_cli(monkeypatch, capsys, argv("latent_mim", tmp_path, ""))
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 24 and max(len(line) for line in steps) < 100
+    for line in steps:
+        assert [word.split("=")[0] for word in line.split()[2:]] == ["loss", "lr", "images_per_s", "eta"], line
+    epoch_line = next(line for line in out.splitlines() if line.startswith("epoch=0 "))
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert {"sim_pred", "sim_vis", "sim_target", "gamma", "momentum"} <= set(logged)
+    assert [word.split("=")[0] for word in epoch_line.split()] == list(logged)
+
+
+def test_the_bar_shows_loss_lr_and_images_per_s(tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1, total_steps=3)
+    for step in range(1, 4):
+        logger.update(step, {"loss": torch.tensor(0.5), "lr": 1e-3, "sim_pred": torch.tensor(0.9), "gamma": 0.7},
+                      images=4, data_time=0.0)
+    logger.bar.refresh()
+    shown = logger.bar.postfix
+    logger.close()
+    monkeypatch.undo()
+    assert [part.split("=")[0] for part in shown.split(", ")] == ["loss", "lr", "images_per_s"]
+
+
+def test_numbers_are_plain():
+    assert [train_utils.number_text(v) for v in (32820.4, 9999.4, 0.5, 4.69e-06, 3, 1e5)] == [
+        "32820", "9999", "0.5", "4.69e-06", "3", "100000"]
+
+
+def test_bench_line_prints_plain_numbers(capsys):
+    from tools import bench
+    bench.bench_report("latent_mim", seconds=32.8204, batch=8, flops_per_image=66.52e9, device=torch.device("cpu"))
+    assert capsys.readouterr().out.strip() == ("bench=latent_mim device=cpu batch=8 ms_per_step=32820 "
+                                               "images_per_s=0.2438 gflop_per_image=66.52")
+
+
+def test_the_linear_probe_prints_about_ten_epoch_lines_the_last_and_the_best(capsys):
+    """90 epochs: every 9th epoch's line (10 lines, the last among them) and the best epoch's; not 90 lines."""
+    import eval_probe
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.arange(64) % 4
+    head = eval_probe.build_head(8, 4)
+    batches, n = eval_probe.cached_batches(x, y, 32, train_utils.Dist("cpu"))
+    result = eval_probe.fit_linear_head(head, batches, n, (x, y), train_utils.Dist("cpu"), epochs=90,
+                                        warmup_epochs=10, lr=1.0)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"epoch {e}" for e in range(8, 90, 9)] + ["best"]
+    best = max(result["history"], key=lambda row: row["top1"])
+    assert lines[-1] == f"best: epoch {best['epoch']}, val top-1 {best['top1']:.2f}  top-5 {best['top5']:.2f}"
+    assert len(result["history"]) == 90  # every epoch is still evaluated and returned

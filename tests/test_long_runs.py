@@ -170,6 +170,179 @@ def test_sigusr1_is_a_stop_request_too(tmp_path, monkeypatch, capsys):
     assert train_utils.stop_signal() is None  # reset for the next run of this process
 
 
+# ------------------------------------------------------------------------------------------------ Ctrl-C (SIGINT)
+def interrupt_at_forward(monkeypatch, cls, at, times=1):
+    """cls.forward sends this process `times` SIGINTs at its call number `at` (during step at - 1)."""
+    original, calls = cls.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(cls, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_ctrl_c_finishes_the_step_saves_it_and_exits_75(name, tmp_path, parts_file, monkeypatch, capsys):
+    """A first Ctrl-C during training is a stop request as SIGTERM is: step 4 finishes and is saved, one line, exit
+    75, and the same command ends with the weights of a run that was never interrupted."""
+    reference = run_inprocess(name, tmp_path / "straight", parts_file)
+    module, cls_name = MODELS[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    original = cls.forward
+    calls = interrupt_at_forward(monkeypatch, cls, at=5)  # during step 4 (of 12 in epoch 0)
+
+    def not_caught(*_):
+        raise AssertionError("run_main did not catch SIGINT")
+    previous = signal.signal(signal.SIGINT, not_caught)
+    try:
+        code, err, _ = cli(monkeypatch, capsys, name, tmp_path / "stopped", parts_file)
+    finally:
+        assert signal.signal(signal.SIGINT, previous) is not_caught  # restored after the run
+    ckpt_path = tmp_path / "stopped" / "checkpoint.pth"
+    assert code == train_utils.EXIT_REQUEUE
+    assert err[-1] == f"stopped: SIGINT after step 4; {ckpt_path} holds it: run the same command to continue"
+    assert all(line.startswith("warning: ") for line in err[:-1])  # (stage A's random teacher) and no traceback
+    assert len(calls) == 5 and train_utils.load_checkpoint(ckpt_path)["step"] == 5
+    assert not (tmp_path / "stopped" / ".lock").exists()
+    monkeypatch.setattr(cls, "forward", original)
+    assert_same_state(reference, run_inprocess(name, tmp_path / "stopped", parts_file))
+
+
+@pytest.mark.parametrize("save_every, lost", [("0", None), ("3", "step 3 is lost, ")])
+def test_a_second_ctrl_c_stops_at_once_and_says_what_is_lost(save_every, lost, tmp_path, monkeypatch, capsys):
+    import pcae
+    calls = interrupt_at_forward(monkeypatch, pcae.PCAE, at=5, times=2)  # both during step 4
+    out = tmp_path / "new" / "run"
+    code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--save-every", save_every)
+    assert code == train_utils.EXIT_INTERRUPTED == 130 and len(calls) == 5  # step 4 was not finished
+    ckpt = out / "checkpoint.pth"
+    if lost is None:  # nothing saved: the folders the run made are gone again
+        assert err == [f"interrupted: stopped at once by a second Ctrl-C during step 4; nothing was saved yet ({ckpt} "
+                       f"is written at the end of every epoch and every --save-every steps): the same command starts "
+                       f"the run again"]
+        assert not (tmp_path / "new").exists()
+    else:  # saved after step 2 (3 steps done); step 3 was finished since
+        assert err == [f"interrupted: stopped at once by a second Ctrl-C during step 4; {lost}{ckpt} holds the run up "
+                       f"to step 2: run the same command to continue from there"]
+        assert train_utils.load_checkpoint(ckpt)["step"] == 3 and sorted(os.listdir(out)) == ["checkpoint.pth"]
+    assert train_utils.stop_signal() is None
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, monkeypatch, capsys):
+    """An evaluation has nothing to save: Ctrl-C ends it at once with one line and exit 130."""
+    import eval_probe
+    import eval_utils
+    ckpt = run_inprocess("pcae", tmp_path / "run", "", "--max-steps", "2")
+    extract = eval_utils.extract
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return extract(*args, **kwargs)
+    monkeypatch.setattr(eval_utils, "extract", interrupted)
+    monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(tmp_path / "run" / "checkpoint.pth"), "--data",
+                                      "synthetic", "--synthetic-size", "48", "--mode", "knn", "--num-workers", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_utils.run_main(eval_probe.main, eval_probe.build_parser())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 130 and ckpt["step"] == 2
+    assert err == ["interrupted: Ctrl-C; stopped at once (no training step was running: nothing to save)"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_loader_workers(tmp_path):
+    """The real thing: SIGINT to the whole process group (what a terminal's Ctrl-C does), with a loader worker
+    process that gets it too: the step is saved, one line, no traceback from any process; the same command then
+    ends with the weights of a run that was never interrupted."""
+    reference = run_inprocess("pcae", tmp_path / "straight", "", "--num-workers", "1")
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    cmd = [sys.executable, *script_cmd("pcae"), *argv("pcae", out, "", "--num-workers", "1")]
+    with open(log, "w") as f:
+        run = subprocess.Popen(cmd, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "step 3/24" not in log.read_text() and run.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(run.pid, signal.SIGINT)
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    lines = log.read_text().strip().splitlines()
+    assert run.returncode == 75 and "Traceback" not in log.read_text()
+    assert "Ctrl-C: stopping after this step, which is saved (Ctrl-C again stops at once, without saving)" in lines
+    step = int(lines[-1].split()[4].rstrip(";"))
+    assert lines[-1] == (f"stopped: SIGINT after step {step}; {out / 'checkpoint.pth'} holds it: run the same command "
+                         f"to continue")
+    assert train_utils.load_checkpoint(out / "checkpoint.pth")["step"] == step + 1
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_state(reference, train_utils.load_checkpoint(out / "checkpoint.pth"))
+
+
+# ---------------------------------------------------------------------------------------- a finished run, again
+def test_rerunning_a_finished_run_says_it_is_complete_and_how_to_evaluate_it(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    run_inprocess("pcae", out, "")
+    before = (out / "checkpoint.pth").stat().st_mtime_ns, (out / "log.jsonl").read_text()
+    code, err, printed = cli(monkeypatch, capsys, "pcae", out, "")
+    ckpt = out / "checkpoint.pth"
+    assert code == 0 and err == []
+    assert printed.splitlines()[-2:] == [
+        f"resumed from {ckpt}: epoch 2, step 24",
+        f"this run is complete: {ckpt} holds its 2 epochs (24 steps); evaluate it: python eval_probe.py --ckpt {ckpt} "
+        f"--data synthetic --mode knn"]
+    assert ((out / "checkpoint.pth").stat().st_mtime_ns, (out / "log.jsonl").read_text()) == before  # untouched
+    import eval_probe  # the advice works
+    command = printed.splitlines()[-1].split("evaluate it: python eval_probe.py ")[1].split()
+    assert eval_probe.main(eval_probe.build_parser().parse_args([*command, "--synthetic-size", "48",
+                                                                 "--num-workers", "0"]))["top1"] >= 0
+    code, _, printed = cli(monkeypatch, capsys, "pcae", tmp_path / "short", "", "--max-steps", "3")
+    code, _, printed = cli(monkeypatch, capsys, "pcae", tmp_path / "short", "", "--max-steps", "3")
+    assert code == 0 and printed.splitlines()[-1] == (
+        f"nothing to train: {tmp_path / 'short' / 'checkpoint.pth'} is at step 3, the --max-steps 3 of this command; "
+        f"raise --max-steps, or leave it out, to go on")
+
+
+def test_rerunning_a_finished_fine_tuning_says_where_its_results_are(tmp_path, monkeypatch, capsys):
+    import finetune
+    torch.manual_seed(0)
+    encoder = tmp_path / "encoder.pth"
+    train_utils.save_checkpoint(encoder, train_utils.encoder_export(common.build_vit("micro", img_size=32), "test"))
+    out = tmp_path / "ft"
+    flags = ["finetune.py", "--ckpt", str(encoder), "--data", "synthetic", "--synthetic-size", "48", "--epochs", "1",
+             "--warmup-epochs", "0", "--batch-size", "8", "--num-workers", "0", "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", flags)
+    train_utils.run_main(finetune.main, finetune.build_parser())
+    capsys.readouterr()
+    train_utils.run_main(finetune.main, finetune.build_parser())
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"this run is complete: {out / 'checkpoint.pth'} holds its 1 epoch (6 steps); its evaluations are in "
+        f"{out / 'log.jsonl'}, its best weights in {out / 'checkpoint-best.pth'}")
+    assert (out / "checkpoint-best.pth").is_file() and json.loads((out / "log.jsonl").read_text())["top1"] >= 0
+
+
+# ----------------------------------------------------------------------------------- refused runs leave no folder
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
+    """The output folder (and the parents it needed) are made before the resume check and the first step; a run
+    refused or failed before it wrote anything removes them again; a folder that was there stays."""
+    not_a_checkpoint = tmp_path / "notes.pth"
+    not_a_checkpoint.write_text("not a checkpoint")
+    code, err, _ = cli(monkeypatch, capsys, "pcae", tmp_path / "a" / "b" / "run", "", "--resume", str(not_a_checkpoint))
+    assert code == 2 and err == [f"error: {not_a_checkpoint} is not a readable PyTorch checkpoint (UnpicklingError)"]
+    assert sorted(os.listdir(tmp_path)) == ["notes.pth"]
+    (tmp_path / "mine").mkdir()
+    code, _, _ = cli(monkeypatch, capsys, "pcae", tmp_path / "mine", "", "--resume", str(not_a_checkpoint))
+    assert code == 2 and (tmp_path / "mine").is_dir() and not os.listdir(tmp_path / "mine")
+    monkeypatch.setattr(common.SyntheticShapes, "load", lambda self, i: (_ for _ in ()).throw(OSError("unreadable")))
+    code, err, _ = cli(monkeypatch, capsys, "pcae", tmp_path / "c", "")  # every image unreadable: the first step fails
+    assert code == 2 and err[-1].startswith("error: ") and not (tmp_path / "c").exists()
+
+
 # ------------------------------------------------------------------------------------------------- the folder lock
 def write_lock(folder, age=0.0, **owner):
     path = folder / train_utils.LOCK_FILE
@@ -365,6 +538,40 @@ def test_sigterm_to_one_process_stops_all_after_the_same_step_and_resumes_in_ano
     assert (stopped["step"], stopped["samples"]) == (5, 40)  # 2 x 4 x accum 1
     resumed = run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2")  # 1 process x 4 x accum 2
     assert_equivalent_runs(reference, resumed)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_torchrun_stops_every_process_after_the_same_saved_step(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun only (its workers have sessions of their own); torchrun passes SIGINT on
+    to every worker: each finishes the same step, the checkpoint holds it, each exits 75 with one line, no traceback;
+    torchrun itself exits 1 (its SignalException). The run then resumes in another layout."""
+    reference = run_inprocess("pcae", tmp_path / "straight", "", "--batch-size", "8")
+    worker, logs, out = tmp_path / "worker.py", tmp_path / "logs", tmp_path / "ddp"
+    worker.write_text(WORKER.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--log-dir",
+           str(logs), "--redirects", "3", str(worker), *argv("pcae", out, ""), "--batch-size", "4"]
+    launcher = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while launcher.poll() is None and time.time() < deadline:
+            if any("step 2/12" in p.read_text() for p in logs.glob("**/0/stdout.log")):  # 12 steps of 2 x 4
+                break
+            time.sleep(0.02)
+        launcher.send_signal(signal.SIGINT)
+        _, torchrun_err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1 and "SignalException" in torchrun_err
+    workers = {int(p.parent.name): p.read_text() for p in logs.glob("**/stderr.log")}
+    assert sorted(workers) == [0, 1] and not any("Traceback" in err for err in workers.values())
+    last = {rank: err.strip().splitlines()[-1] for rank, err in workers.items()}
+    step = int(last[0].split()[4].rstrip(";"))
+    for rank in (0, 1):  # each process got torchrun's SIGINT itself
+        assert last[rank] == (f"stopped: SIGINT after step {step}; {out / 'checkpoint.pth'} holds it: run the same "
+                              f"command to continue")
+    assert train_utils.load_checkpoint(out / "checkpoint.pth")["step"] == step + 1
+    assert_equivalent_runs(reference, run_inprocess("pcae", out, "", "--batch-size", "4", "--accum", "2"))
 
 
 @pytest.mark.slow

@@ -200,3 +200,24 @@ def test_loader_benchmark_on_generated_jpegs(tmp_path, capsys):
     assert set(rates) == {"cpu/0", "device/0", "payload/0", "decoder/0"} and min(rates.values()) > 0
     assert result["mean_abs_diff"] == 0.0  # on the CPU the device path gives the CPU path's pixels
     assert "median path=device workers=0 batch=4 images_per_s=" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------ start-up
+@pytest.mark.slow
+def test_importing_the_scripts_leaves_dynamo_unloaded_until_torch_compile(root):
+    """StepRandom's torch.compiler.disable (which imports torch._dynamo, seconds of start-up) is applied by the first
+    StepRandom made after torch.compile has loaded dynamo, not when common.py is imported; a compiled draw then runs
+    eagerly outside the graph and gives the eager values. (eval_probe and finetune import torchvision, whose ops
+    import torch._dynamo.utils: they load dynamo anyway, as every run does once it builds its transforms.)"""
+    import subprocess
+    import sys
+    code = ("import sys, torch, common, latent_mim, pcae, semmae\n"  # eval_probe, finetune: torchvision (below)
+            "before = 'torch._dynamo' in sys.modules\n"
+            "rng = common.StepRandom(0, 3, torch.device('cpu'), slice(2, 4), 6)\n"
+            "eager = rng.rand(5)\n"
+            "f = torch.compile(lambda x, r: x + r.rand(5), backend='eager')\n"
+            "compiled = f(torch.zeros(2, 5), common.StepRandom(0, 3, torch.device('cpu'), slice(2, 4), 6))\n"
+            "print(before, common.StepRandom._take is common.StepRandom._draw, torch.equal(compiled, eager))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "True"]

@@ -310,7 +310,8 @@ def test_stage_a_writes_parts_that_stage_b_reads(tmp_path):
     vis = tmp_path / "masks.png"
     semmae.main(semmae.build_parser().parse_args(["pretrain", "--epochs", "2", "--vis", str(vis), *common]))
     from PIL import Image
-    assert Image.open(vis).size == (5 * 129 + 1, 4 * 129 + 1)  # 4 images x (image, parts, 3 masks), 32 px x4, 1 px pad
+    # 4 images x (image, parts, 3 masks), 32 px x4, 1 px pad, under a 16 px strip of column labels
+    assert Image.open(vis).size == (5 * 129 + 1, 16 + 4 * 129 + 1)
 
     # a parts file of another dataset is refused with one clear line
     with pytest.raises(ValueError, match="parts for 16 images but the dataset has 24"):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, also when run as a script
 from common import StepRandom, SyntheticShapes  # noqa: E402
-from train_utils import autocast  # noqa: E402
+from train_utils import autocast, number_text  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- FLOPs and device peaks
@@ -79,8 +79,7 @@ def bench_report(name, seconds, batch, flops_per_image, device, memory=None):
            "batch": batch, "ms_per_step": 1e3 * seconds, "images_per_s": batch / seconds,
            "gflop_per_image": flops_per_image / 1e9,
            "mfu": flops_per_image * batch / seconds / peak if peak else None, "peak_mem_gib": memory}
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None),
-          flush=True)
+    print(" ".join(f"{k}={number_text(v)}" for k, v in row.items() if v is not None), flush=True)  # no 3.282e+04
     return row
 
 
