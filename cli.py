@@ -1,6 +1,7 @@
 """The command lines of the scripts: the flags they share, --recipe, --help with every default, the resolved command
-line that opens every log, the flags a resume may change, and the one-line error for bad input (UserError)."""
-import argparse, math, os, shlex, sys
+line that opens every log, the flags a resume may change; and run_main, the start-up of every script: one-line errors
+and exit codes, SIGTERM / SIGUSR1 / Ctrl-C noted for a save and a requeue."""
+import argparse, contextlib, math, os, shlex, signal, sys, weakref
 
 import torch
 
@@ -224,3 +225,117 @@ def check_lr_and_device(args):
         raise UserError(f"--weight-decay must be a finite non-negative number, got {args.weight_decay}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA GPU (use --device cpu or auto)")
+
+
+# ------------------------------------------------------------------------------ start-up, signals, exit codes
+EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_REQUEUE = 2, 3, 75  # 75: EX_TEMPFAIL of sysexits.h, "try again later"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command that Ctrl-C ended
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and Kubernetes send some time before a kill
+_stop_signal = [None]
+_training = [None]  # the TrainRun whose loop a first Ctrl-C stops after its step (from its resume to its finish)
+_created_folders = []  # output folders this process created, removed again if a failed run left them empty
+_locks = weakref.WeakSet()  # the output-folder locks this process holds
+
+
+class Requeue(Exception):
+    """Training stopped on a stop request after its checkpoint was written: exit code EXIT_REQUEUE, run it again."""
+
+
+def stop_signal():
+    """The stop signal (SIGTERM / SIGUSR1, or a first Ctrl-C in training) received since run_main started, or None."""
+    return _stop_signal[0]
+
+
+def _note_stop_signal(signum, frame):  # only noted: the loop saves after the current optimizer step, then exits
+    _stop_signal[0] = _stop_signal[0] or signum  # the first names the stop (torchrun may send SIGTERM after SIGINT)
+
+
+# torchrun passes a Ctrl-C on as SIGINT, a second one as SIGTERM (also a stop request), and kills the workers after
+# its --shutdown-timeout (30 s by default): there the workers stop when the step is saved
+INTERRUPT_NOTE = b"\nCtrl-C: stopping after this step, which is saved (Ctrl-C again stops at once, without saving)\n"
+
+
+def _on_interrupt(signum, frame):
+    """SIGINT: in a training loop the first is a stop request as SIGTERM is; a second one, or one outside a training
+    loop (an evaluation, the start-up), stops at once (KeyboardInterrupt: one line from run_main)."""
+    if _training[0] is not None and _stop_signal[0] is None:
+        _stop_signal[0] = signum
+        if _training[0].dist.is_main:  # os.write: a handler may run inside a print, which must not be re-entered
+            os.write(2, INTERRUPT_NOTE)
+        return
+    raise KeyboardInterrupt
+
+
+def interrupted_text():
+    """What a Ctrl-C that stopped the process at once has lost, in words."""
+    run = _training[0]
+    if run is None:
+        return "Ctrl-C; stopped at once (no training step was running: nothing to save)"
+    how = f"stopped at once by {'a second ' if _stop_signal[0] == signal.SIGINT else ''}Ctrl-C during step {run.step}"
+    ckpt, done = run.out / "checkpoint.pth", run.step - (run.on_disk or 0)  # done: steps finished since the save
+    if not run.on_disk:
+        return (f"{how}; nothing was saved yet ({ckpt} is written at the end of every epoch and every --save-every "
+                f"steps): the same command starts the run again")
+    lost = {0: "", 1: f"step {run.on_disk} is lost, "}.get(done, f"steps {run.on_disk}-{run.step - 1} are lost, ")
+    return f"{how}; {lost}{ckpt} holds the run up to step {run.on_disk - 1}: run the same command to continue there"
+
+
+def quiet_worker(_):
+    """worker_init_fn of the training loader: Ctrl-C and stop signals (sent to the whole group) are the main's."""
+    for s in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def remove_created_folders():
+    """Release this process's locks and remove the output folders it created that are still empty (a refused run, or
+    one stopped before its first save, leaves no trace)."""
+    for lock in list(_locks):
+        lock.release()
+    for folder in _created_folders:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty folder
+    _created_folders.clear()
+
+
+def close_progress_bars():
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
+        bar.close()
+
+
+def run_main(main, parser):
+    """Start-up of every script: parse the flags (and cli.fill_in), print the whole configuration, note SIGTERM /
+    SIGUSR1 / a first Ctrl-C in training (the loop saves the current step, then stops), run `main(args)`. Errors are
+    one line and an exit code: 2 user error (UserError, or a ValueError of a model or the data), 3 non-finite loss,
+    75 after a stop request's checkpoint (torchrun then exits 1: docs/long_runs.md), 130 Ctrl-C stopped at once."""
+    args = parser.parse_args()
+    from train_utils import set_precision_flags  # (train_utils imports this module)
+    set_precision_flags()
+    _stop_signal[0], _training[0] = None, None
+    _created_folders.clear()  # only this run's
+    previous = {s: signal.signal(s, _note_stop_signal) for s in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        fill_in(parser, args)
+        if int(os.environ.get("RANK", 0)) == 0:  # the log's first line: the whole configuration of the run
+            print(resolved_command(parser, args), flush=True)
+            for note in getattr(args, "notes", ()):
+                print(f"note: {note}", flush=True)
+        main(args)
+    except (ValueError, FloatingPointError, Requeue) as e:
+        close_progress_bars()
+        print(f"{'stopped' if isinstance(e, Requeue) else 'error'}: {e}", file=sys.stderr)
+        sys.exit(EXIT_REQUEUE if isinstance(e, Requeue) else EXIT_USER_ERROR if isinstance(e, ValueError) else
+                 EXIT_NON_FINITE)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(f"interrupted: {interrupted_text()}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        remove_created_folders()
+        _stop_signal[0], _training[0] = None, None
+        # Under torchrun, a process that exits with an error code makes torchrun SIGTERM the others, which may be
+        # exiting with the same code: they ignore it (SIG_IGN also holds through Python's shutdown) to keep theirs.
+        several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN if several else handler)

@@ -31,9 +31,8 @@ def get_1d_sincos_pos_embed(embed_dim, pos):
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
-    """MAE's fixed 2-D sin-cos table [grid_size**2 (+1), embed_dim], row-major over the patch grid, at the integer
-    positions 0..g-1 (as MAE; the official Latent MIM code spaces them as k g / (g - 1), this project uses MAE's for
-    all three methods). The first half of the channels encodes the column (x), the second the row (y); cls row zero."""
+    """MAE's fixed table [g*g (+1), D], row-major, at integer positions 0..g-1 for all three methods (the official
+    Latent MIM code spaces them k g / (g - 1)); the first D/2 channels encode the column, the rest the row; cls 0."""
     assert embed_dim % 4 == 0, "sin-cos position embeddings need embed_dim divisible by 4"
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)], 1)
@@ -91,9 +90,8 @@ class Block(nn.Module):
 
 
 def run_blocks(blocks, x, rng=None):
-    """x through a stack of Blocks. Their stochastic depth is drawn from `rng` (the step's StepRandom, so it is the
-    same however the batch is split) in ONE draw before the loop: the blocks then contain no generator call, which
-    would break torch.compile's graph in every block."""
+    """x through a stack of Blocks, their stochastic depth drawn from `rng` (the step's StepRandom) in ONE draw before
+    the loop: a generator call in every block would break torch.compile's graph there."""
     noise = None
     if any(b.drop_path > 0 and b.training for b in blocks):
         if rng is None:
@@ -123,9 +121,8 @@ def init_weights_mae(module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer encoder with the common parameter names (timm / MAE / DINO / iBOT layout) and fixed 2-D
-    sin-cos position embeddings. The pieces are separate so that methods can embed any subset of patches, run the
-    blocks one at a time (dropping tokens in between) and apply the final norm themselves."""
+    """ViT encoder with the common parameter names (timm / MAE / DINO / iBOT) and fixed 2-D sin-cos positions, in
+    pieces: methods embed any subset of patches, run the blocks one at a time and apply the final norm themselves."""
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  drop_path_rate=0.0):
         super().__init__()
@@ -184,9 +181,8 @@ class ViT(nn.Module):
         return run_blocks(self.blocks, x, rng)
 
     def forward_pixels(self, pixels, ids, rng=None):
-        """Encode a subset of patches given as pixels: pixels [B, N, p*p*3] (`patchify` order, possibly jittered
-        crops) of the patches at grid positions ids [B, N] -> [B, 1+N, D] normalised tokens, cls first. Only the N
-        patches are embedded (cheaper than the conv over the whole image); rng: stochastic depth (see run_blocks)."""
+        """Encode patches given as pixels [B, N, p*p*3] (`patchify` order, possibly jittered crops) at grid positions
+        ids [B, N] -> [B, 1+N, D] normalised tokens, cls first; rng: stochastic depth (see run_blocks)."""
         x = self.prepend_cls(self.add_pos(self.embed_pixels(pixels), ids))  # [B, 1+N, D]
         return self.norm(self.forward_blocks(x, rng))
 
@@ -196,7 +192,7 @@ class ViT(nn.Module):
 
 
 def preset_patch_size(model, patch_size=None):
-    """The patch size of a preset (or the override): the one lookup every script uses before building a model."""
+    """The patch size of a preset (or the override)."""
     if model not in VIT_PRESETS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(VIT_PRESETS)}")
     return patch_size or VIT_PRESETS[model][3]
@@ -260,11 +256,8 @@ class StepRandom:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(mix_seed(seed, step))
         self.device, self.rows, self.global_batch = device, rows, global_batch
-        if StepRandom._take is StepRandom._draw and "torch._dynamo" in sys.modules:
-            # A generator cannot be traced: under torch.compile the draw runs eagerly and the graph is kept around
-            # it. The decorator imports torch._dynamo (2-7 s), so it is applied here, once torch.compile has loaded
-            # dynamo (a loop makes each step's StepRandom after compiling), not when common.py is imported.
-            StepRandom._take = torch.compiler.disable(StepRandom._draw)
+        if StepRandom._take is StepRandom._draw and "torch._dynamo" in sys.modules:  # torch.compile is in use:
+            StepRandom._take = torch.compiler.disable(StepRandom._draw)  # draw eagerly, keep the graph around it
 
     @classmethod
     def for_micro_step(cls, seed, step, micro, batch, world, rank, accum, device):
@@ -276,7 +269,7 @@ class StepRandom:
             return draw(shape)
         return draw((self.global_batch, *shape))[self.rows]
 
-    _take = _draw  # torch.compiler.disable(_draw) once torch.compile is in use (see __init__)
+    _take = _draw  # compiler.disable(_draw) once torch.compile has loaded dynamo: the decorator imports it (seconds)
 
     def rand(self, *shape):
         """Uniform [0, 1) of shape [B, *shape] (or `shape` itself for a local StepRandom)."""
@@ -288,11 +281,10 @@ class StepRandom:
 
 # ------------------------------------------------------------------------------------------- 4. MAE-style decoder
 class MAEDecoder(nn.Module):
-    """MAE's decoder, given the encoder tokens [cls, visible] and the ids of the patches to predict: embed the tokens
-    to the decoder width, append one shared mask token per query, add fixed sin-cos positions (cls at a zero
-    position, every other token at its own patch), run the blocks, norm, and map the queries to `out_dim`.
-    Attention is permutation-equivariant, so adding each token's own position replaces MAE's unshuffle.
-    make_block: the block constructor (Latent MIM's cross-attention decoder reuses the rest with its own blocks)."""
+    """MAE's decoder on the encoder tokens [cls, visible] and the ids of the patches to predict: embed, append one
+    mask token per query, add fixed sin-cos positions (cls at zero, every token at its own patch: attention is
+    permutation-equivariant, so this replaces MAE's unshuffle), run the blocks, norm, map the queries to `out_dim`.
+    make_block: the block constructor (Latent MIM's cross-attention decoder brings its own)."""
     def __init__(self, enc_dim, grid_size, out_dim, decoder_dim=512, decoder_depth=8, decoder_heads=16, drop_path=0.0,
                  mask_token_std=0.02, make_block=None):
         super().__init__()
@@ -507,9 +499,8 @@ SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "cross", "h-stripes",
 
 
 class SyntheticShapes:
-    """Procedural labelled images, a pure function of (seed, index): no download, any size. The class is a shape or
-    a texture (SYNTHETIC_CLASSES) at a random place and scale; colours are random and carry no class information, so
-    a linear probe has to read structure. `load(i)` -> (uint8 tensor [3, size, size], label)."""
+    """Labelled images, a pure function of (seed, index): a shape or texture class (SYNTHETIC_CLASSES) at a random
+    place and scale in random colours (no class information), so a probe reads structure. load(i) -> (uint8, label)."""
     def __init__(self, size=64, length=2048, seed=0):
         self.size, self.length, self.seed = size, length, seed
         self.classes = list(SYNTHETIC_CLASSES)
@@ -623,7 +614,7 @@ class image_transform:
     def __init__(self, transform):
         self.image = transform
 
-    def __call__(self, img, label):
+    def __call__(self, img, label):  # -> (transformed image, label)
         return self.image(img), label
 
 

@@ -1,6 +1,6 @@
 """Unsupervised part maps of a frozen encoder: each image's patch features are clustered into K groups and the patch
 grid is coloured by group, next to the image. The Latent MIM paper shows segmentation maps obtained by clustering
-patch features; this is that read-out, for any checkpoint that train_utils.load_vit reads.
+patch features; this is that read-out, for any checkpoint that eval_utils.load_vit reads.
 
     python eval_maps.py --ckpt runs/latent_mim/checkpoint.pth --data synthetic --clusters 3 --out maps.png
     python eval_maps.py --ckpt mae_pretrain_vit_base.pth --data /imagenet --clusters 5 --images 8 --out maps.png
@@ -26,10 +26,11 @@ its map (patch grid in the PALETTE colours), the map over the image (half and ha
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError
+from cli import ArgumentParser, UserError, run_main
 from common import build_dataset, eval_transform
 from figures import denormalize, sample_across_classes, save_figure
-from train_utils import load_vit, pick_device, run_main
+from eval_utils import load_vit
+from train_utils import pick_device
 
 # Kelly's 22 colours of maximum contrast (Kelly 1965, as sRGB in the common tables) without white and black, in his
 # order: the first colours are the most distinct from each other. --clusters is limited to their number.

@@ -19,12 +19,12 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, add_decode_arg, check_common_args
+from cli import ArgumentParser, UserError, add_decode_arg, check_common_args, run_main
 from common import (IMAGENET_MEAN, IMAGENET_STD, SeededDataset, build_dataset, image_transform, make_loader, mix_seed,
                     set_lr, warmup_cosine)
 from eval_utils import (POOLS, accuracy, add_encoder_args, extract, extract_dataset, load_encoder, output_path,
                         report_bad)
-from train_utils import Dist, run_main
+from train_utils import Dist
 
 
 # ------------------------------------------------------------------------------------------------------------ LARS
@@ -226,7 +226,7 @@ def fit_linear_head(head, batches, batches_per_epoch, val, dist, epochs=90, warm
     steps = batches_per_epoch // accum
     if steps == 0:
         raise UserError(f"{batches_per_epoch} batch(es) per epoch is fewer than --accum {accum}")
-    # a bar on rank 0 when the output is a terminal (disable=None); about ten epoch lines either way, the last and the best
+    # a bar on rank 0 on a terminal (disable=None); about ten epoch lines either way, the last and the best
     evaluations = -(-epochs // eval_every) if eval_every else 1
     line_every = max(1, round(evaluations / 10))
     bar = tqdm(total=epochs * steps, desc="linear probe", disable=None if dist.is_main else True, dynamic_ncols=True,

@@ -1,6 +1,6 @@
-"""What the evaluations share: the encoder of any checkpoint (train_utils.load_vit: this project's format or a public
-ViT), its frozen features (no gradient, bf16 autocast on CUDA, eval mode) and top-k accuracy. The read-outs, with
-x_L[i] token i after the last block (0 = cls), LN_g,b the encoder's final norm and LN_1,0 one without affine:
+"""What the evaluations share: the encoder of any checkpoint (load_vit: this project's format or a public ViT), its
+frozen features (no gradient, bf16 autocast on CUDA, eval mode) and top-k accuracy. The read-outs, with x_L[i] token
+i after the last block (0 = cls), LN_g,b the encoder's final norm and LN_1,0 one without affine:
     cls:          LN_g,b(x_L[0])                     MAE linprobe default (--cls_token) / DINO k-NN default
     mean:         mean_i LN_g,b(x_L[i])              mean of the patch tokens, each after the encoder's own final norm
     mae-mean:     LN_1,0(mean_i x_L[i])              MAE's --global_pool probe exactly (models_vit.py)
@@ -9,7 +9,7 @@ MAE's --global_pool feeds the pre-norm patch mean to a new fc_norm, a LayerNorm 
 probe freezes at its default init (g = 1, b = 0), hence LN_1,0; `mean` normalises before averaging, which is not the
 same. The affine does not matter for the linear probe (its BatchNorm1d without affine removes it), but for k-NN.
 """
-import sys
+import math, sys
 from pathlib import Path
 
 import torch
@@ -18,11 +18,69 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from cli import UserError
-from common import SeededDataset, eval_transform, image_transform, make_loader
-from train_utils import autocast, gather_rows, load_vit
+from common import VIT_PRESETS, SeededDataset, ViT, eval_transform, image_transform, make_loader
+from train_utils import autocast, gather_rows, load_checkpoint, load_state
 
 
 # ------------------------------------------------------------------------------------------------ encoder, features
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
+STATE_DICT_KEYS = ("encoder", "teacher", "target_encoder", "model", "state_dict", "student", "module", "net")
+STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "student.", "teacher.", "model.")
+
+
+def find_encoder_state(ckpt):
+    """The ViT keys of a checkpoint of this project or a public one (MAE, DINO, iBOT, timm), wrapper prefixes
+    (module., _orig_mod., backbone., ...) removed however they are stacked; decoders, heads and fc_norm dropped."""
+    for cand in [ckpt] + [ckpt[k] for k in STATE_DICT_KEYS if isinstance(ckpt.get(k), dict)]:
+        state = {}
+        for k, v in cand.items():
+            while k.startswith(STRIP_PREFIXES):
+                k = k.split(".", 1)[1]
+            if torch.is_tensor(v):
+                state[k] = v
+        if "patch_embed.proj.weight" in state:
+            return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    return None
+
+
+def vit_config_from_state_dict(state):
+    """Infer the ViT constructor arguments from the shapes of an encoder state dict (public checkpoints)."""
+    try:
+        w = state["patch_embed.proj.weight"]  # [D, C, p, p]
+        dim, chans, patch = w.shape[0], w.shape[1], w.shape[2]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // patch
+    except (KeyError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"not a ViT encoder state dict (missing {e})") from None
+    # shapes do not give the head count: take it from the preset of the same width and depth, else 64-wide heads
+    heads = next((h for d, n, h, _ in VIT_PRESETS.values() if (d, n) == (dim, depth)), max(dim // 64, 1))
+    return dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth, num_heads=heads,
+                mlp_ratio=hidden / dim)
+
+
+def load_vit(path, num_heads=None):
+    """The encoder of any checkpoint, strictly: this project's format (encoder + encoder_args) or a public ViT
+    (architecture from the shapes; `num_heads` overrides the head count, which shapes cannot tell).
+    `vit.checkpoint_position`: step, epoch and method of this project's checkpoints (None for public ones)."""
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt.get("encoder_args"), dict) and isinstance(ckpt.get("encoder"), dict):
+        config, state = ckpt["encoder_args"], ckpt["encoder"]
+    else:
+        state = find_encoder_state(ckpt)
+        if state is None:
+            raise UserError(f"{path} contains no ViT encoder (no patch_embed.proj.weight under "
+                            f"{', '.join(STATE_DICT_KEYS)})")
+        config = vit_config_from_state_dict(state)
+    if num_heads:
+        config = {**config, "num_heads": num_heads}
+    vit = ViT(**config)
+    load_state(vit, state, "the encoder", path)
+    ours = "encoder_args" in ckpt and "method" in ckpt  # the training position: this project's checkpoints only
+    vit.checkpoint_position = {k: ckpt.get(k) if ours else None for k in ("step", "epoch", "method")}
+    return vit
+
+
 def add_encoder_args(parser):
     """The flags of every evaluation: the checkpoint, the data, the encoder's size and heads, the results file."""
     a = parser.add_argument

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import ArgumentParser, UserError
+from cli import ArgumentParser, UserError, run_main
 from common import read_image
-from train_utils import load_vit, pick_device, run_main
+from eval_utils import load_vit
+from train_utils import pick_device
 
 # DINO's colour normalisation for this protocol (eval_video_segmentation.py): ImageNet's mean and std, except that
 # its red std is 0.228 (ImageNet's is 0.229); kept as DINO has it, since the papers' numbers come from that script.

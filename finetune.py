@@ -17,12 +17,11 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
-from cli import ArgumentParser, UserError, add_run_args, check_common_args, check_lr_and_device
+from cli import ArgumentParser, UserError, add_run_args, check_common_args, check_lr_and_device, run_main, stop_signal
 from common import (IMAGENET_MEAN, IMAGENET_STD, SeededDataset, build_dataset, eval_transform, image_transform,
                     make_loader, mix_seed)
 from eval_utils import add_encoder_args, label_rank, load_encoder, output_path, report_bad
-from train_utils import (Dist, TrainRun, autocast, encoder_export, load_checkpoint, run_main, save_checkpoint,
-                         stop_signal)
+from train_utils import Dist, TrainRun, autocast, encoder_export, load_checkpoint, save_checkpoint
 
 
 FINETUNE_RECIPES = {  # encoder width -> FINETUNE.md's ViT-B / L / H flags (other widths get ViT-B's)

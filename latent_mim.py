@@ -18,13 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
+from cli import (ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args,
+                 run_main)
 from common import (Attention, MAEDecoder, Mlp, SeededDataset, StepRandom, build_adamw, build_dataset, build_vit,
                     cosine_schedule, ema_momentum, ema_update, gather_tokens, image_transform,
                     init_weights_mae, mix_seed, patchify, pretrain_transform, random_masking, set_lr,
                     standardize_tokens)
 from figures import denormalize, figure_line, sample_across_classes, save_figure
-from train_utils import TrainRun, autocast, pick_device, run_main
+from train_utils import TrainRun, autocast, pick_device
 
 METHOD = "latent_mim"
 TARGETS = ("momentum", "shared-stopgrad", "independent", "joint")

@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
+from cli import (ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args,
+                 run_main)
 from common import (MAEDecoder, SeededDataset, StepRandom, build_adamw, build_dataset, build_vit, ema_momentum,
                     ema_update, eval_transform, gather_tokens, image_transform, patchify, pretrain_transform,
                     random_masking, set_lr, standardize_tokens, unpatchify)
 from figures import denormalize, figure_line, sample_across_classes, save_figure
-from train_utils import TrainRun, autocast, load_state, load_training_checkpoint, pick_device, run_main
+from train_utils import TrainRun, autocast, load_state, load_training_checkpoint, pick_device
 
 
 # ----------------------------------------------------------------------------------------- the paper's equations

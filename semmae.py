@@ -15,13 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args
+from cli import (ArgumentParser, UserError, add_bench_args, add_common_args, add_decoder_args, check_common_args,
+                 run_main)
 from common import (IMAGENET_MEAN, IMAGENET_STD, VIT_PRESETS, MAEDecoder, SeededDataset, StepRandom, build_adamw,
                     build_dataset, build_vit, gather_tokens, image_transform, make_loader, patchify, preset_patch_size,
                     pretrain_transform, random_masking, set_lr, standardize_tokens)
+from eval_utils import load_vit
 from figures import denormalize, figure_line, sample_across_classes, save_figure
-from train_utils import (TrainRun, autocast, gather_rows, load_checkpoint, load_vit, pick_device, run_main,
-                         save_checkpoint)
+from train_utils import TrainRun, autocast, gather_rows, load_checkpoint, pick_device, save_checkpoint
 
 
 # ====================================== stage A: semantic part learning (paper: Semantic Part Learning, Fig. 2 (A))
@@ -374,9 +375,9 @@ def preview_parts(model, base, path, device, seed, count=8):
         tiles += [img, rec, col, 0.5 * img + 0.5 * col]
     size = save_figure(tiles, path, columns=4, padding=1, pad_value=0.0,
                        labels=["image", "reconstruction", "parts", "parts over image"])
-    print(figure_line(path, size, len(picks), ["image", "its reconstruction from the part maps alone", f"its "
-                                               f"{model.num_parts} parts (argmax per patch)", "the parts over the image"]),
-          flush=True)
+    columns = ["image", "its reconstruction from the part maps alone", f"its {model.num_parts} parts (argmax per "
+               f"patch)", "the parts over the image"]
+    print(figure_line(path, size, len(picks), columns), flush=True)
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """The plumbing of a run's life, shared by every script: what an operator needs and a reader of the papers never does.
-Signals and start-up (one-line errors, exit codes, SIGTERM / SIGUSR1 for a save and a requeue), processes and
-precision, checkpoints (atomic, weights-only, public ViTs), the output folder's lock, logging (the non-finite guard,
-progress, log.jsonl), and TrainRun, the position and saves behind each method file's loop. The command lines are in
-cli.py, the benchmark and FLOP counting in tools/bench.py.
+Processes and precision, checkpoints (atomic, weights-only), the output folder's lock, logging (the non-finite guard,
+progress, log.jsonl), and TrainRun, the position and saves behind each method file's loop. Elsewhere: the start-up,
+signals and exit codes of every script with its flags (cli.py), any checkpoint's encoder (eval_utils.load_vit), the
+benchmark and FLOP counting (tools/bench.py).
 """
 import contextlib, errno, hashlib, json, math, os, shutil, signal, socket, sys, threading, time
 import weakref
@@ -12,135 +12,11 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-from cli import UserError, fill_in, resolved_command
-from common import VIT_PRESETS, DataError, ResumableSampler, StepRandom, ViT, make_loader, warmup_cosine
+from cli import Requeue, UserError, _created_folders, _locks, _training, quiet_worker, stop_signal
+from common import DataError, ResumableSampler, StepRandom, make_loader, warmup_cosine
 
 
-# -------------------------------------------------------------------------------- 1. signals and start-up
-EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_REQUEUE = 2, 3, 75  # 75: EX_TEMPFAIL of sysexits.h, "try again later"
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command that Ctrl-C ended
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and Kubernetes send some time before a kill
-_stop_signal = [None]
-_training = [None]  # the TrainRun whose loop a first Ctrl-C stops after its step (from its resume to its finish)
-_created_folders = []  # output folders this process created, removed again if a failed run left them empty
-_locks = weakref.WeakSet()  # the output-folder locks this process holds
-
-
-class Requeue(Exception):
-    """Training stopped on a stop request after its checkpoint was written: exit code EXIT_REQUEUE, run it again."""
-
-
-def stop_signal():
-    """The stop signal (SIGTERM / SIGUSR1, or a first Ctrl-C during training) received since run_main started, or
-    None."""
-    return _stop_signal[0]
-
-
-def _note_stop_signal(signum, frame):  # only noted: the loop saves after the current optimizer step, then exits
-    _stop_signal[0] = _stop_signal[0] or signum  # the first names the stop (torchrun may send SIGTERM after SIGINT)
-
-
-INTERRUPT_NOTE = b"\nCtrl-C: stopping after this step, which is saved (Ctrl-C again stops at once, without saving)\n"
-# torchrun passes a Ctrl-C on as SIGINT, a second one as SIGTERM (also a stop request), and kills the workers after
-# its --shutdown-timeout: the workers' own Ctrl-C never reaches them, they stop when the step is saved
-INTERRUPT_NOTE_TORCHRUN = (b"\nSIGINT from torchrun: stopping after this step, which is saved (torchrun kills the "
-                           b"workers if that takes longer than its --shutdown-timeout, 30 s by default)\n")
-
-
-def _on_interrupt(signum, frame):
-    """SIGINT (Ctrl-C, or torchrun passing one on): during a training loop the first is a stop request as SIGTERM is;
-    a second one, or one outside a training loop (an evaluation, the start-up), stops at once (KeyboardInterrupt,
-    which run_main turns into one line)."""
-    if _training[0] is not None and _stop_signal[0] is None:
-        _stop_signal[0] = signum
-        if _training[0].dist.is_main:  # os.write: a handler may run inside a print, which must not be re-entered
-            os.write(2, INTERRUPT_NOTE_TORCHRUN if "TORCHELASTIC_RUN_ID" in os.environ else INTERRUPT_NOTE)
-        return
-    raise KeyboardInterrupt
-
-
-def interrupted_text():
-    """What a Ctrl-C that stopped the process at once has lost, in words."""
-    run = _training[0]
-    if run is None:
-        return "Ctrl-C; stopped at once (no training step was running: nothing to save)"
-    how = "by a second Ctrl-C" if _stop_signal[0] == signal.SIGINT else "by Ctrl-C"
-    ckpt = run.out / "checkpoint.pth"
-    if not run.on_disk:
-        return (f"stopped at once {how} during step {run.step}; nothing was saved yet ({ckpt} is written at the end "
-                f"of every epoch and every --save-every steps): the same command starts the run again")
-    done = run.step - run.on_disk  # steps finished since the checkpoint: lost
-    lost = ("" if done < 1 else f"step {run.on_disk} is lost, " if done == 1 else
-            f"steps {run.on_disk}-{run.step - 1} are lost, ")
-    return (f"stopped at once {how} during step {run.step}; {lost}{ckpt} holds the run up to step {run.on_disk - 1}: "
-            f"run the same command to continue from there")
-
-
-def quiet_worker(_):
-    """worker_init_fn of the training loader: its worker processes leave Ctrl-C and stop signals to the main process
-    (a Ctrl-C reaches the whole process group), which stops them when it ends."""
-    for s in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(s, signal.SIG_IGN)
-
-
-def remove_created_folders():
-    """After a run that failed or was stopped before it wrote anything: release this process's locks and remove the
-    output folders it created that are empty (a refused run leaves no trace)."""
-    for lock in list(_locks):
-        lock.release()
-    for folder in _created_folders:  # deepest first
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only an empty folder
-    _created_folders.clear()
-
-
-def close_progress_bars():
-    from tqdm import tqdm
-    for bar in list(getattr(tqdm, "_instances", [])):  # end the progress bar's line first
-        bar.close()
-
-
-def run_main(main, parser):
-    """Start-up of every script: parse the flags, fill in what the flags leave to the run (cli.fill_in), print the
-    whole configuration, note SIGTERM / SIGUSR1 / a first Ctrl-C in training (the loop saves after the current
-    optimizer step, then stops), run `main(args)`. Errors are one line and an exit code: 2 for a user error
-    (UserError, or a ValueError of a model or the data), 3 for a non-finite loss, 75 after a stop request's checkpoint
-    (under torchrun on every process; torchrun itself then exits 1: docs/long_runs.md), 130 for a Ctrl-C that stopped
-    at once (a second one in training, any outside it). Output folders that the run created and left empty are
-    removed again."""
-    args = parser.parse_args()
-    set_precision_flags()
-    _stop_signal[0], _training[0] = None, None
-    _created_folders.clear()  # only this run's
-    previous = {s: signal.signal(s, _note_stop_signal) for s in STOP_SIGNALS}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_interrupt)
-    try:
-        fill_in(parser, args)
-        if int(os.environ.get("RANK", 0)) == 0:  # the log's first line: the whole configuration of the run
-            print(resolved_command(parser, args), flush=True)
-            for note in getattr(args, "notes", ()):
-                print(f"note: {note}", flush=True)
-        main(args)
-    except (ValueError, FloatingPointError, Requeue) as e:
-        close_progress_bars()
-        print(f"{'stopped' if isinstance(e, Requeue) else 'error'}: {e}", file=sys.stderr)
-        sys.exit(EXIT_REQUEUE if isinstance(e, Requeue) else EXIT_USER_ERROR if isinstance(e, ValueError) else
-                 EXIT_NON_FINITE)
-    except KeyboardInterrupt:
-        close_progress_bars()
-        print(f"interrupted: {interrupted_text()}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    finally:
-        remove_created_folders()
-        _stop_signal[0], _training[0] = None, None
-        # Under torchrun, a process that exits with an error code makes torchrun SIGTERM the others, which may be
-        # exiting with the same code: they ignore it (SIG_IGN also holds through Python's shutdown) to keep theirs.
-        several = int(os.environ.get("WORLD_SIZE", 1)) > 1
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_IGN if several else handler)
-
-
-# -------------------------------------------------------------------------------------- 2. processes and precision
+# -------------------------------------------------------------------------------------- 1. processes and precision
 def pick_device(name="auto"):
     """'auto': this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU; or 'cpu' / 'cuda'."""
     cuda = torch.cuda.is_available() if name in (None, "auto") else name == "cuda"
@@ -207,7 +83,7 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-# -------------------------------------------------------------------------------------------------- 3. checkpoints
+# -------------------------------------------------------------------------------------------------- 2. checkpoints
 def state_nbytes(obj):  # the bytes of the tensors of a (nested) state: about the size of its file
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
@@ -295,65 +171,7 @@ def load_state(module, state, what, path):
         raise UserError(f"{path}: {what} does not match this model ({detail})") from None
 
 
-ENCODER_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
-STATE_DICT_KEYS = ("encoder", "teacher", "target_encoder", "model", "state_dict", "student", "module", "net")
-STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.", "student.", "teacher.", "model.")
-
-
-def find_encoder_state(ckpt):
-    """The ViT keys of a checkpoint of this project or a public one (MAE, DINO, iBOT, timm), wrapper prefixes
-    (module., _orig_mod., backbone., ...) removed however they are stacked; decoders, heads and fc_norm dropped."""
-    for cand in [ckpt] + [ckpt[k] for k in STATE_DICT_KEYS if isinstance(ckpt.get(k), dict)]:
-        state = {}
-        for k, v in cand.items():
-            while k.startswith(STRIP_PREFIXES):
-                k = k.split(".", 1)[1]
-            if torch.is_tensor(v):
-                state[k] = v
-        if "patch_embed.proj.weight" in state:
-            return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
-    return None
-
-
-def vit_config_from_state_dict(state):
-    """Infer the ViT constructor arguments from the shapes of an encoder state dict (public checkpoints)."""
-    try:
-        w = state["patch_embed.proj.weight"]  # [D, C, p, p]
-        dim, chans, patch = w.shape[0], w.shape[1], w.shape[2]
-        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-        grid = math.isqrt(state["pos_embed"].shape[1] - 1) if "pos_embed" in state else 224 // patch
-    except (KeyError, ValueError, IndexError, AttributeError) as e:
-        raise UserError(f"not a ViT encoder state dict (missing {e})") from None
-    # shapes do not give the head count: take it from the preset of the same width and depth, else 64-wide heads
-    heads = next((h for d, n, h, _ in VIT_PRESETS.values() if (d, n) == (dim, depth)), max(dim // 64, 1))
-    return dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth, num_heads=heads,
-                mlp_ratio=hidden / dim)
-
-
-def load_vit(path, num_heads=None):
-    """The encoder of any checkpoint, strictly: this project's format (encoder + encoder_args) or a public ViT
-    (architecture from the shapes; `num_heads` overrides the head count, which shapes cannot tell).
-    `vit.checkpoint_position`: step, epoch and method of this project's checkpoints (None for public ones)."""
-    ckpt = load_checkpoint(path)
-    if isinstance(ckpt.get("encoder_args"), dict) and isinstance(ckpt.get("encoder"), dict):
-        config, state = ckpt["encoder_args"], ckpt["encoder"]
-    else:
-        state = find_encoder_state(ckpt)
-        if state is None:
-            raise UserError(f"{path} contains no ViT encoder (no patch_embed.proj.weight under "
-                            f"{', '.join(STATE_DICT_KEYS)})")
-        config = vit_config_from_state_dict(state)
-    if num_heads:
-        config = {**config, "num_heads": num_heads}
-    vit = ViT(**config)
-    load_state(vit, state, "the encoder", path)
-    ours = "encoder_args" in ckpt and "method" in ckpt  # the training position: this project's checkpoints only
-    vit.checkpoint_position = {k: ckpt.get(k) if ours else None for k in ("step", "epoch", "method")}
-    return vit
-
-
-# ------------------------------------------------------------------------------------- 4. the output folder's lock
+# ------------------------------------------------------------------------------------- 3. the output folder's lock
 LOCK_FILE = ".lock"  # in the output folder while a run trains there
 LOCK_HEARTBEAT_S = 30  # the owner refreshes the lock file's modification time this often
 LOCK_STALE_S = 300  # another host's lock whose heartbeat is older than this is stale: its owner was killed
@@ -491,7 +309,7 @@ class OutputLock:
         threading.Thread(target=lock_heartbeat, args=(self.path, self.stop), daemon=True).start()
 
 
-# ---------------------------------------------------------------------------------------------- 5. logging
+# ---------------------------------------------------------------------------------------------- 4. logging
 BAD_SHARE, BAD_MIN_SAMPLES = 0.1, 1000  # note_bad stops a run once this share of >= this many samples was unreadable
 
 
@@ -705,7 +523,7 @@ class StepLogger:
             self.bar.close()
 
 
-# -------------------------------------------------------------------------------------------- 6. the training run
+# -------------------------------------------------------------------------------------------- 5. the training run
 class TrainRun:
     """One training run: where it is (epoch, global step, optimizer steps of the epoch done; in every checkpoint) and
     the plumbing that the loop of each method file calls:
@@ -833,13 +651,9 @@ class TrainRun:
         if self.epoch < a.epochs:
             return (f"nothing to train: {path} is at step {self.step}, the --max-steps {a.max_steps} of this command; "
                     f"raise --max-steps, or leave it out, to go on")
-        done = f"this run is complete: {path} holds its {a.epochs} epoch{'s' * (a.epochs > 1)} ({self.step} steps)"
-        if self.method == "finetune":
-            return (f"{done}; its evaluations are in {self.out / 'log.jsonl'}, its best weights in "
-                    f"{self.out / 'checkpoint-best.pth'}")
-        if self.method == "semmae-parts":
-            return f"{done}; writing its parts file {a.out} again"
-        return f"{done}; evaluate it: python eval_probe.py --ckpt {path} --data {a.data} --mode knn"
+        return (f"this run is complete: {path} holds its {a.epochs} epoch{'s' * (a.epochs > 1)} ({self.step} steps; "
+                f"log: {self.out / 'log.jsonl'}); evaluate it: python eval_probe.py --ckpt {path} --data {a.data} "
+                f"--mode knn")
 
     def checkpoint_to_resume(self):
         """Process 0: output-dir/checkpoint.pth when there is one, else --resume, else None (a new run)."""

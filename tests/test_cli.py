@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import cli
 import train_utils
 from conftest import ROOT, argv, subprocess_env
 
@@ -211,7 +212,7 @@ def run_cli(monkeypatch, capsys, flags):
     import latent_mim
     monkeypatch.setattr(sys, "argv", ["latent_mim.py", *flags])
     capsys.readouterr()
-    train_utils.run_main(latent_mim.main, latent_mim.build_parser())
+    cli.run_main(latent_mim.main, latent_mim.build_parser())
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -242,7 +243,7 @@ def test_first_line_on_rank_0_only(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["latent_mim.py", "--data", "synthetic"])
     for rank, printed in (("1", ""), ("0", "latent_mim.py (recipe imagenet): --data synthetic --output-dir ")):
         monkeypatch.setenv("RANK", rank)  # as torchrun sets it
-        train_utils.run_main(lambda args: None, latent_mim.build_parser())
+        cli.run_main(lambda args: None, latent_mim.build_parser())
         out = capsys.readouterr().out
         assert out.startswith(printed) and out.count("\n") == (rank == "0")
 
@@ -364,7 +365,7 @@ def test_stage_a_echoes_the_architecture_of_its_teacher_checkpoint(tmp_path, mon
     flags = [str(teacher) if a == "random" else a for a in argv("semmae-parts", tmp_path, "", "--max-steps", "1")]
     del flags[flags.index("--model"):flags.index("--model") + 2]  # --model left at its default, base
     monkeypatch.setattr(sys, "argv", ["semmae.py", *flags])
-    train_utils.run_main(semmae.main, semmae.build_parser())
+    cli.run_main(semmae.main, semmae.build_parser())
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("semmae.py parts (recipe imagenet): ") and " --model micro --patch-size 8 " in first
     assert " --model base" not in first and f"--teacher {teacher}" in first

@@ -11,6 +11,7 @@ import torch
 
 import common
 import figures
+import eval_utils
 import train_utils
 import cli
 from tools import bench
@@ -71,7 +72,7 @@ def test_timm_layout_checkpoint_loads_both_ways(tmp_path):
     src = build_vit("small")
     public = {**src.state_dict(), "head.weight": torch.zeros(1000, 384), "head.bias": torch.zeros(1000)}
     torch.save({"model": {f"module.{k}": v for k, v in public.items()}, "epoch": 3}, tmp_path / "mae.pth")
-    vit = train_utils.load_vit(tmp_path / "mae.pth")
+    vit = eval_utils.load_vit(tmp_path / "mae.pth")
     assert vit.config == dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12, num_heads=6,
                               mlp_ratio=4.0)
     for k, v in src.state_dict().items():
@@ -86,19 +87,19 @@ def test_dino_teacher_layout(tmp_path):
     ckpt = {"student": {"module.backbone." + k: v * 0 for k, v in src.state_dict().items()},
             "teacher": {"backbone." + k: v for k, v in src.state_dict().items()} | {"head.mlp.0.weight": torch.ones(2)}}
     torch.save(ckpt, tmp_path / "dino.pth")
-    vit = train_utils.load_vit(tmp_path / "dino.pth")  # the teacher is preferred, as DINO's own evaluation does
+    vit = eval_utils.load_vit(tmp_path / "dino.pth")  # the teacher is preferred, as DINO's own evaluation does
     assert torch.equal(vit.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
 
 def test_load_vit_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        train_utils.load_vit(tmp_path / "notes.txt")
+        eval_utils.load_vit(tmp_path / "notes.txt")
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "mlp.pth")
     with pytest.raises(ValueError, match="contains no ViT encoder"):
-        train_utils.load_vit(tmp_path / "mlp.pth")
+        eval_utils.load_vit(tmp_path / "mlp.pth")
     with pytest.raises(ValueError, match="checkpoint not found"):
-        train_utils.load_vit(tmp_path / "missing.pth")
+        eval_utils.load_vit(tmp_path / "missing.pth")
 
 
 def test_pieces_compose_to_forward():
@@ -369,7 +370,7 @@ def test_checkpoint_round_trip(tmp_path):
     train_utils.save_checkpoint(tmp_path / "checkpoint.pth", state)
     ckpt = train_utils.load_checkpoint(tmp_path / "checkpoint.pth")  # weights_only=True
     assert ckpt["epoch"] == 3 and ckpt["args"]["drop"] == [0, 4] and ckpt["method"] == "x"
-    rebuilt = train_utils.load_vit(tmp_path / "checkpoint.pth")
+    rebuilt = eval_utils.load_vit(tmp_path / "checkpoint.pth")
     assert rebuilt.config == vit.config
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in vit.state_dict().items())
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left

@@ -22,6 +22,7 @@ import device_decode as dd
 import eval_probe
 import finetune
 import semmae
+import cli
 import train_utils
 from common import (DataError, ImageFolder, ResumableSampler, SeededDataset, SyntheticShapes, eval_transform,
                     image_transform, make_loader, pretrain_transform)
@@ -318,7 +319,7 @@ def test_decode_device_needs_image_files(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["pcae.py", "--data", "synthetic", "--model", "micro", "--input-size", "32",
                                       "--decode", "device"])
     with pytest.raises(SystemExit) as exit_info:
-        train_utils.run_main(pcae.main, pcae.build_parser())
+        cli.run_main(pcae.main, pcae.build_parser())
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: --decode device reads JPEG files; --data synthetic has none (use --decode cpu)"]
 

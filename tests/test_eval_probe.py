@@ -377,7 +377,7 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
         probe(path, "--loo")
     monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(bad), "--data", "synthetic"])
     with pytest.raises(SystemExit) as exit_info:  # the command line: one line on stderr, exit code 2
-        train_utils.run_main(ep.main, ep.build_parser())
+        cli.run_main(ep.main, ep.build_parser())
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "no ViT encoder" in err
 
@@ -400,7 +400,7 @@ def test_an_encoder_with_a_nan_weight_stops_the_evaluation_with_exit_3(mode, tmp
     monkeypatch.setattr(sys, "argv", ["eval_probe.py", "--ckpt", str(path), "--data", "synthetic", "--synthetic-size",
                                       str(N_TRAIN), "--batch-size", "8", "--num-workers", "0", *mode])
     with pytest.raises(SystemExit) as exit_info:
-        train_utils.run_main(ep.main, ep.build_parser())
+        cli.run_main(ep.main, ep.build_parser())
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 3 and err == [
         f"error: the encoder of {path} gives non-finite features for 12 of 12 val images: its weights hold NaN or "

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import cli
 import train_utils
 import eval_video as ev
 from conftest import run_inprocess
@@ -256,7 +257,7 @@ def test_whole_evaluation_outputs(synthetic, tmp_path, capsys):
 def run_cli(argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["eval_video.py", *argv])
     with pytest.raises(SystemExit) as e:
-        train_utils.run_main(ev.main, ev.build_parser())
+        cli.run_main(ev.main, ev.build_parser())
     err = capsys.readouterr().err.strip()
     return e.value.code, err
 

@@ -1,13 +1,14 @@
 """tools/export_encoder.py: the exported file has exactly the keys (in order), shapes and dtype of MAE's released
 ViT-B/16 pretrain checkpoint, mae_pretrain_vit_base.pth, written out below from outside facts (timm's
-VisionTransformer names, MAE's models_mae.py and main_finetune.py), and it reads back through train_utils.load_vit."""
+VisionTransformer names, MAE's models_mae.py and main_finetune.py), and it reads back through eval_utils.load_vit."""
 import importlib.util
 
 import pytest
 import torch
 
 from common import build_vit
-from train_utils import encoder_export, load_checkpoint, load_vit, save_checkpoint
+from eval_utils import load_vit
+from train_utils import encoder_export, load_checkpoint, save_checkpoint
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("export_encoder", ROOT / "tools" / "export_encoder.py")

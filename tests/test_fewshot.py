@@ -194,7 +194,7 @@ def test_linear_trials_fit_logistic_regression_on_cached_features(tmp_path, monk
 def run_main_error(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["eval_probe.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
-        train_utils.run_main(ep.main, ep.build_parser())
+        cli.run_main(ep.main, ep.build_parser())
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err.strip()

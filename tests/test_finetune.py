@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import eval_utils
 import train_utils
 import cli
 import finetune as ft
@@ -224,7 +225,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     # the best checkpoint, and the logged top-1 recounted by hand from the saved classifier on the val images
     best = train_utils.load_checkpoint(tmp_path / "full" / "checkpoint-best.pth")
     assert best["top1"] == max(r["top1"] for r in logs[0]) and best["method"] == "finetune"
-    model = ft.FinetuneClassifier(train_utils.load_vit(ckpt), 10)
+    model = ft.FinetuneClassifier(eval_utils.load_vit(ckpt), 10)
     model.load_state_dict(a["model"])
     val = common.SeededDataset(common.build_dataset("synthetic", "val", size=SIZE, length=N_TRAIN),
                                common.image_transform(common.eval_transform(SIZE)))
@@ -233,7 +234,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         hits = (model.eval().logits(imgs).argmax(1) == labels).sum().item()
     assert full["top1"] == pytest.approx(100 * hits / 12)
     # the fine-tuned encoder loads like any other checkpoint's
-    assert train_utils.load_vit(tmp_path / "full" / "checkpoint.pth").config == train_utils.load_vit(ckpt).config
+    assert eval_utils.load_vit(tmp_path / "full" / "checkpoint.pth").config == eval_utils.load_vit(ckpt).config
     assert json.loads((tmp_path / "full" / "probe.jsonl").read_text())["mode"] == "finetune"
 
 
@@ -299,7 +300,7 @@ def test_a_stop_during_the_evaluation_saves_and_the_resume_redoes_it(tmp_path, m
     monkeypatch.setattr(ft.FinetuneClassifier, "logits", stop_in_the_val_pass)
     monkeypatch.setattr(sys, "argv", ["finetune.py", *finetune_argv(ckpt, tmp_path / "stopped")])
     with pytest.raises(SystemExit) as exit_info:
-        train_utils.run_main(ft.main, ft.build_parser())
+        cli.run_main(ft.main, ft.build_parser())
     assert exit_info.value.code == 75 and len(calls) == 1  # no val batch after the signal
     stopped = train_utils.load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")
     assert (stopped["epoch"], stopped["samples"]) == (0, 48) and not (tmp_path / "stopped" / "log.jsonl").exists()

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from common import Block, MAEDecoder, build_adamw, get_2d_sincos_pos_embed, patchify
 from cli import UserError
-from train_utils import load_checkpoint, load_vit
+from eval_utils import load_vit
+from train_utils import load_checkpoint
 from conftest import step_rng
 import latent_mim as lm
 

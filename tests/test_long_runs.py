@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import common
+import cli as cli_module
 import train_utils
 from cli import UserError
 from conftest import (ROOT, SCRIPTS, argv, assert_equivalent_runs, assert_same_state, run_inprocess, script_cmd,
@@ -36,7 +37,7 @@ def cli(monkeypatch, capsys, name, out, parts, *extra, data="synthetic"):
     monkeypatch.setattr(sys, "argv", ["prog", *argv(name, out, parts, *extra, data=data)])
     capsys.readouterr()
     try:
-        train_utils.run_main(module.main, module.build_parser())
+        cli_module.run_main(module.main, module.build_parser())
         code = 0
     except SystemExit as e:
         code = e.code
@@ -141,7 +142,7 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_75(name, tmp_path, parts_f
     finally:
         assert signal.signal(signal.SIGTERM, previous) is not_caught
     ckpt_path = tmp_path / "stopped" / "checkpoint.pth"
-    assert code == train_utils.EXIT_REQUEUE == 75
+    assert code == cli_module.EXIT_REQUEUE == 75
     assert err[-1] == f"stopped: SIGTERM after step 4; {ckpt_path} holds it: run the same command to continue"
     assert len(calls) == 5  # no step after the one that was running
     stopped = train_utils.load_checkpoint(ckpt_path)
@@ -167,7 +168,7 @@ def test_sigusr1_is_a_stop_request_too(tmp_path, monkeypatch, capsys):
         assert signal.signal(signal.SIGUSR1, previous) == signal.SIG_IGN
     assert code == 75 and err[-1].startswith("stopped: SIGUSR1 after step 0; ")
     assert train_utils.load_checkpoint(tmp_path / "checkpoint.pth")["step"] == 1
-    assert train_utils.stop_signal() is None  # reset for the next run of this process
+    assert cli_module.stop_signal() is None  # reset for the next run of this process
 
 
 # ------------------------------------------------------------------------------------------------ Ctrl-C (SIGINT)
@@ -203,7 +204,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_exits_75(name, tmp_path, parts_fi
     finally:
         assert signal.signal(signal.SIGINT, previous) is not_caught  # restored after the run
     ckpt_path = tmp_path / "stopped" / "checkpoint.pth"
-    assert code == train_utils.EXIT_REQUEUE
+    assert code == cli_module.EXIT_REQUEUE
     assert err[-1] == f"stopped: SIGINT after step 4; {ckpt_path} holds it: run the same command to continue"
     assert all(line.startswith("warning: ") for line in err[:-1])  # (stage A's random teacher) and no traceback
     assert len(calls) == 5 and train_utils.load_checkpoint(ckpt_path)["step"] == 5
@@ -218,7 +219,7 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_lost(save_every, lost, t
     calls = interrupt_at_forward(monkeypatch, pcae.PCAE, at=5, times=2)  # both during step 4
     out = tmp_path / "new" / "run"
     code, err, _ = cli(monkeypatch, capsys, "pcae", out, "", "--save-every", save_every)
-    assert code == train_utils.EXIT_INTERRUPTED == 130 and len(calls) == 5  # step 4 was not finished
+    assert code == cli_module.EXIT_INTERRUPTED == 130 and len(calls) == 5  # step 4 was not finished
     ckpt = out / "checkpoint.pth"
     if lost is None:  # nothing saved: the folders the run made are gone again
         assert err == [f"interrupted: stopped at once by a second Ctrl-C during step 4; nothing was saved yet ({ckpt} "
@@ -227,9 +228,9 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_lost(save_every, lost, t
         assert not (tmp_path / "new").exists()
     else:  # saved after step 2 (3 steps done); step 3 was finished since
         assert err == [f"interrupted: stopped at once by a second Ctrl-C during step 4; {lost}{ckpt} holds the run up "
-                       f"to step 2: run the same command to continue from there"]
+                       f"to step 2: run the same command to continue there"]
         assert train_utils.load_checkpoint(ckpt)["step"] == 3 and sorted(os.listdir(out)) == ["checkpoint.pth"]
-    assert train_utils.stop_signal() is None
+    assert cli_module.stop_signal() is None
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, monkeypatch, capsys):
@@ -247,7 +248,7 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, monkeypatch, capsy
                                       "synthetic", "--synthetic-size", "48", "--mode", "knn", "--num-workers", "0"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        train_utils.run_main(eval_probe.main, eval_probe.build_parser())
+        cli_module.run_main(eval_probe.main, eval_probe.build_parser())
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 130 and ckpt["step"] == 2
     assert err == ["interrupted: Ctrl-C; stopped at once (no training step was running: nothing to save)"]
@@ -294,8 +295,8 @@ def test_rerunning_a_finished_run_says_it_is_complete_and_how_to_evaluate_it(tmp
     assert code == 0 and err == []
     assert printed.splitlines()[-2:] == [
         f"resumed from {ckpt}: epoch 2, step 24",
-        f"this run is complete: {ckpt} holds its 2 epochs (24 steps); evaluate it: python eval_probe.py --ckpt {ckpt} "
-        f"--data synthetic --mode knn"]
+        f"this run is complete: {ckpt} holds its 2 epochs (24 steps; log: {out / 'log.jsonl'}); evaluate it: python "
+        f"eval_probe.py --ckpt {ckpt} --data synthetic --mode knn"]
     assert ((out / "checkpoint.pth").stat().st_mtime_ns, (out / "log.jsonl").read_text()) == before  # untouched
     import eval_probe  # the advice works
     command = printed.splitlines()[-1].split("evaluate it: python eval_probe.py ")[1].split()
@@ -317,12 +318,12 @@ def test_rerunning_a_finished_fine_tuning_says_where_its_results_are(tmp_path, m
     flags = ["finetune.py", "--ckpt", str(encoder), "--data", "synthetic", "--synthetic-size", "48", "--epochs", "1",
              "--warmup-epochs", "0", "--batch-size", "8", "--num-workers", "0", "--output-dir", str(out)]
     monkeypatch.setattr(sys, "argv", flags)
-    train_utils.run_main(finetune.main, finetune.build_parser())
+    cli_module.run_main(finetune.main, finetune.build_parser())
     capsys.readouterr()
-    train_utils.run_main(finetune.main, finetune.build_parser())
+    cli_module.run_main(finetune.main, finetune.build_parser())
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"this run is complete: {out / 'checkpoint.pth'} holds its 1 epoch (6 steps); its evaluations are in "
-        f"{out / 'log.jsonl'}, its best weights in {out / 'checkpoint-best.pth'}")
+        f"this run is complete: {out / 'checkpoint.pth'} holds its 1 epoch (6 steps; log: {out / 'log.jsonl'}); "
+        f"evaluate it: python eval_probe.py --ckpt {out / 'checkpoint.pth'} --data synthetic --mode knn")
     assert (out / "checkpoint-best.pth").is_file() and json.loads((out / "log.jsonl").read_text())["top1"] >= 0
 
 
@@ -482,7 +483,7 @@ def test_a_full_disk_stops_training_with_one_line_and_the_restart_cleans_up_firs
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import common, pcae, train_utils
+import cli as cli_module, common, pcae, train_utils
 rank, inject, at = int(os.environ["RANK"]), os.environ.get("INJECT", ""), int(os.environ.get("INJECT_AT", 0))
 os.chdir(os.environ.get("RANK_CWD", ".").format(rank=rank))  # per-node output folders
 forward, calls = pcae.PCAE.forward, []
@@ -506,7 +507,7 @@ def unreadable(self, i):  # process 1 only: images 0..19 cannot be read (a whole
 pcae.PCAE.forward = injected
 if rank == 1 and inject == "unreadable":
     common.SyntheticShapes.load = unreadable
-train_utils.run_main(pcae.main, pcae.build_parser())
+cli_module.run_main(pcae.main, pcae.build_parser())
 """
 
 
@@ -637,8 +638,8 @@ def test_an_empty_or_unreadable_lock_is_stale_once_its_owner_had_time_to_write_i
 
 def test_a_stop_signal_while_waiting_for_another_hosts_lock_exits_75(tmp_path, monkeypatch):
     write_lock(tmp_path, host="other-node", pid=1, started="2026-12-01")  # fresh: we would wait 300 s
-    monkeypatch.setattr(train_utils, "_stop_signal", [signal.SIGTERM])
-    with pytest.raises(train_utils.Requeue, match="SIGTERM while waiting for the lock of host other-node, pid 1"):
+    monkeypatch.setattr(cli_module, "_stop_signal", [signal.SIGTERM])
+    with pytest.raises(cli_module.Requeue, match="SIGTERM while waiting for the lock of host other-node, pid 1"):
         train_utils.OutputLock(tmp_path)
 
 

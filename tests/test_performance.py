@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import eval_utils
 import train_utils
 from tools import bench
 from conftest import SCRIPTS, argv
@@ -183,7 +184,7 @@ def test_compile_runs_and_keeps_checkpoint_keys_clean(name, tmp_path, parts_file
     ckpt = train_utils.load_checkpoint(tmp_path / "checkpoint.pth")
     assert ckpt["step"] == 2
     assert not [k for k in [*ckpt["model"], *ckpt["encoder"]] if "_orig_mod" in k or k.startswith("module.")]
-    assert train_utils.load_vit(tmp_path / "checkpoint.pth").config["embed_dim"] == 64
+    assert eval_utils.load_vit(tmp_path / "checkpoint.pth").config["embed_dim"] == 64
 
 
 # ------------------------------------------------------------------------------------------------ loader bench

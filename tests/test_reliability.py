@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import cli
 import train_utils
 from conftest import (SCRIPTS, argv, assert_equivalent_runs, assert_same_state, run_inprocess, script_cmd,
                       subprocess_env)
@@ -83,7 +84,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(sys, "argv", ["prog", *argv(name, tmp_path, parts_file, "--save-every", "1")])
     mod = importlib.import_module(module)
     with pytest.raises(SystemExit) as exit_info:
-        train_utils.run_main(mod.main, mod.build_parser())
+        cli.run_main(mod.main, mod.build_parser())
     assert exit_info.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("error: non-finite loss at step 2; training stopped, the checkpoint on disk is the last good "
@@ -122,7 +123,7 @@ def cli_error(monkeypatch, capsys, module, args):
     mod = importlib.import_module(module)
     monkeypatch.setattr(sys, "argv", ["prog", *args])
     with pytest.raises(SystemExit) as exit_info:
-        train_utils.run_main(mod.main, mod.build_parser())
+        cli.run_main(mod.main, mod.build_parser())
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 

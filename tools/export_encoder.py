@@ -14,7 +14,7 @@ token, no head), with timm's VisionTransformer names in the order of its state_d
     norm.weight, norm.bias [D]                                                          (150 tensors, all float32)
 
 Our ViT uses these names (common.ViT), so the export is the encoder's state dict in float32 under 'model'. The input is
-any checkpoint that train_utils.load_vit reads: this project's (its exported `encoder`) or a public ViT. The commands that
+any checkpoint that eval_utils.load_vit reads: this project's (its exported `encoder`) or a public ViT. The commands that
 take the file into detectron2's ViTDet and mmsegmentation are in docs/transfer.md.
 """
 import math, sys
@@ -23,8 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cli import ArgumentParser, UserError  # noqa: E402  (after the path is set)
-from train_utils import load_vit, run_main, save_checkpoint  # noqa: E402
+from cli import ArgumentParser, UserError, run_main  # noqa: E402  (after the path is set)
+from eval_utils import load_vit  # noqa: E402
+from train_utils import save_checkpoint  # noqa: E402
 
 MAE_PRETRAIN_SIZE = 224  # MAE's checkpoints, and the `pretrain_img_size` of detectron2's ViT, are 224 px
 
@@ -37,7 +38,7 @@ def mae_layout(vit):
 
 
 def export(ckpt, out, num_heads=None):
-    """Read the encoder of `ckpt` (train_utils.load_vit), write it to `out` in MAE's layout -> the encoder."""
+    """Read the encoder of `ckpt` (eval_utils.load_vit), write it to `out` in MAE's layout -> the encoder."""
     vit = load_vit(ckpt, num_heads=num_heads)
     save_checkpoint(out, mae_layout(vit))
     return vit
