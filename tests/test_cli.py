@@ -282,13 +282,19 @@ def terminal_screen(text):
     return ["".join(line).rstrip() for line in screen]
 
 
-def test_on_a_terminal_a_bar_and_the_summary_on_its_own_line(tmp_path, monkeypatch):
+def as_terminal(monkeypatch):
+    """stdout and stderr replaced by one stream that says it is a terminal; returns it."""
     class Terminal(io.StringIO):
         def isatty(self):
             return True
     term = Terminal()
     monkeypatch.setattr(sys, "stdout", term)
     monkeypatch.setattr(sys, "stderr", term)
+    return term
+
+
+def test_on_a_terminal_a_bar_and_the_summary_on_its_own_line(tmp_path, monkeypatch):
+    term = as_terminal(monkeypatch)
     logger_run.folder = tmp_path
     logger_run(every=2)
     monkeypatch.undo()
@@ -388,12 +394,7 @@ def test_step_lines_show_step_loss_lr_images_per_s_and_eta_only(tmp_path, monkey
 
 
 def test_the_bar_shows_loss_lr_and_images_per_s(tmp_path, monkeypatch):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-    term = Terminal()
-    monkeypatch.setattr(sys, "stdout", term)
-    monkeypatch.setattr(sys, "stderr", term)
+    term = as_terminal(monkeypatch)
     logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1, total_steps=3)
     for step in range(1, 4):
         logger.update(step, {"loss": torch.tensor(0.5), "lr": 1e-3, "sim_pred": torch.tensor(0.9), "gamma": 0.7},
