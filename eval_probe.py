@@ -9,7 +9,7 @@ Results: top-1 / top-5 printed and appended as one JSON line to probe.jsonl next
 --shots K --trials N: few-shot transfer, N trials of K training images per class each (k-NN, or multinomial logistic
 regression in place of the LARS probe), scored on the whole val split; one JSON line per trial and a summary line.
 """
-import contextlib, hashlib, json, math, os, statistics, sys, time
+import contextlib, hashlib, math, os, statistics, sys, time
 from pathlib import Path
 
 import torch
@@ -22,8 +22,8 @@ from tqdm import tqdm
 from cli import ArgumentParser, UserError, add_decode_arg, check_common_args, run_main
 from common import (IMAGENET_MEAN, IMAGENET_STD, SeededDataset, build_dataset, image_transform, make_loader, mix_seed,
                     set_lr, warmup_cosine)
-from eval_utils import (POOLS, accuracy, add_encoder_args, extract, extract_dataset, load_encoder, output_path,
-                        report_bad)
+from eval_utils import (POOLS, accuracy, add_encoder_args, append_rows, extract, extract_dataset, load_encoder,
+                        output_path, report_bad)
 from train_utils import Dist
 
 
@@ -427,8 +427,7 @@ def main(args):
                 print(f"{what}: {k}-NN {pm(r, 'top1')}  {pm(r, 'top5')}")
             print(f"{what}: {pm(summary, 'top1')}  {pm(summary, 'top5')} (mean ± sample std over trials) -> {out}",
                   flush=True)
-            with open(out, "a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in [*trials, summary]))
+            append_rows(out, *trials, summary)
         dist.close()
         return summary
     if args.mode == "knn":
@@ -463,8 +462,7 @@ def main(args):
     if dist.is_main:
         print(f"{args.mode}{' (cached)' if args.cached else ''} {Path(args.ckpt).name}: top-1 {row['top1']:.2f}  "
               f"top-5 {row['top5']:.2f}  -> {out}", flush=True)
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_rows(out, row)
     dist.close()
     return row
 

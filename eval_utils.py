@@ -9,7 +9,7 @@ MAE's --global_pool feeds the pre-norm patch mean to a new fc_norm, a LayerNorm 
 probe freezes at its default init (g = 1, b = 0), hence LN_1,0; `mean` normalises before averaging, which is not the
 same. The affine does not matter for the linear probe (its BatchNorm1d without affine removes it), but for k-NN.
 """
-import math, sys
+import json, math, sys
 from pathlib import Path
 
 import torch
@@ -124,6 +124,12 @@ def output_path(args):
     except OSError as e:
         raise UserError(f"cannot write the results to {path} ({e.strerror or e}); pass --output") from None
     return path
+
+
+def append_rows(path, *rows):
+    """Append result rows to a .jsonl file, one JSON object per line, in one write."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
 

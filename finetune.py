@@ -8,7 +8,7 @@ decay, RandAugment, random erasing, mixup / cutmix and label smoothing, in the l
 Output: checkpoint.pth (the last), checkpoint-best.pth (best top-1) and log.jsonl (train loss, lr, val top-1 / top-5 /
 loss every --eval-every epochs) in --output-dir; the final numbers in probe.jsonl next to the checkpoint (--output).
 """
-import contextlib, json
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from cli import ArgumentParser, UserError, add_run_args, check_common_args, check_lr_and_device, run_main, stop_signal
 from common import (IMAGENET_MEAN, IMAGENET_STD, SeededDataset, build_dataset, eval_transform, image_transform,
                     make_loader, mix_seed)
-from eval_utils import add_encoder_args, label_rank, load_encoder, output_path, report_bad
+from eval_utils import add_encoder_args, append_rows, label_rank, load_encoder, output_path, report_bad
 from train_utils import Dist, TrainRun, autocast, encoder_export, load_checkpoint, save_checkpoint
 
 
@@ -298,8 +298,7 @@ def main(args):
     if run.dist.is_main and run.epoch == args.epochs and row["top1"] is not None:
         print(f"finetune {Path(args.ckpt).name}: top-1 {row['top1']:.2f}  top-5 {row['top5']:.2f}  (best top-1 "
               f"{row['max_top1']:.2f})  -> {out}", flush=True)
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_rows(out, row)
     return row
 
 
