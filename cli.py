@@ -223,6 +223,11 @@ def check_lr_and_device(args):
             raise UserError(f"--{name} must be a finite positive number, got {value}")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise UserError(f"--weight-decay must be a finite non-negative number, got {args.weight_decay}")
+    check_device(args)
+
+
+def check_device(args):
+    """--device cuda only where torch sees a GPU."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA GPU (use --device cpu or auto)")
 

@@ -13,7 +13,7 @@ sample's augmentation is seeded by (seed, epoch, index); masks, jitter and drop 
 the whole step's batch from a generator seeded by (seed, step). Bad arguments raise ValueError with the message a
 user needs (the scripts show it as one line).
 """
-import math, os, sys
+import contextlib, math, os, sys
 from pathlib import Path
 
 import torch
@@ -598,15 +598,21 @@ class SeededDataset(torch.utils.data.Dataset):
             if not self.defer_errors:
                 raise
             (sample, _), bad = self.load(self.class_range(i)[1] % len(self.base), tries=len(self.base)), -2 - i
-        if seed is None:
+        with seeded_draws(seed) if seed is not None else contextlib.nullcontext():
             return (*self.transform(*sample), bad)
-        in_worker = torch.utils.data.get_worker_info() is not None
-        state = None if in_worker else torch.get_rng_state()  # do not disturb the main process's generator
-        torch.default_generator.manual_seed(seed)  # the transforms draw from the CPU default generator
-        out = self.transform(*sample)
-        if state is not None:
-            torch.set_rng_state(state)
-        return (*out, bad)
+
+
+@contextlib.contextmanager
+def seeded_draws(seed):
+    """torch's default CPU generator, which the transforms draw from, seeded with `seed` inside the block; outside a
+    loader worker its state before the block comes back after it, so the main process's other draws are unchanged."""
+    saved = None if torch.utils.data.get_worker_info() is not None else torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved)
 
 
 class image_transform:

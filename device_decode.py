@@ -11,7 +11,7 @@ the CPU. The CPU path (common.SeededDataset with the same transform) stays the r
 - the same pixel kernels: the decoded uint8 image goes through torchvision.transforms.v2.functional's resized_crop
   (bicubic, antialias) and horizontal_flip, then the transform's own ToDtype / Normalize; on the CPU libjpeg-turbo
   decodes as Pillow does, so the device path is bit-identical to the CPU path there; nvJPEG's IDCT and chroma
-  upsampling may differ from libjpeg's by small amounts (bench_decode prints the difference on the device);
+  upsampling may differ from libjpeg's by small amounts (tools/bench.py bench-loader prints the difference on the device);
 - the same handling of bad files: anything that is not a plain baseline-or-progressive JPEG in L or RGB ending with
   its EOI marker (PNG, BMP, CMYK JPEGs, truncated files, FIFOs, unreadable headers) is finished in the worker by the
   CPU path itself (same seed: bit-identical, with its replacement within the class, `bad` index and DataError);
@@ -22,7 +22,7 @@ after drawing the crop and flip (it travels in the payload): the same draws as t
 function of (seed, sample), and bit-identical to the CPU path when the device is the CPU.
 SemMAE's part ids (semmae.joint_transform) are computed in the worker from the box it drew: the map is tiny.
 """
-import contextlib, io, itertools, os, stat, statistics, warnings
+import io, os, stat, warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TVF
 
 from cli import UserError
-from common import (ImageFolder, ResumableSampler, SeededDataset, SyntheticShapes, image_transform, make_loader,
-                    pretrain_transform)
+from common import ImageFolder, SeededDataset, SyntheticShapes, image_transform, seeded_draws
 
 JPEG_MAGIC, JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"  # start of image + first marker; end of image
 DEVICE_MODES = ("L", "RGB")  # Pillow modes of the JPEGs the device decodes (CMYK goes the CPU path: nvJPEG has no
@@ -45,20 +44,6 @@ def check_device_decode(data):
     """--decode device needs image files: refuse --data synthetic in one line."""
     if data == "synthetic":
         raise UserError("--decode device reads JPEG files; --data synthetic has none (use --decode cpu)")
-
-
-@contextlib.contextmanager
-def seeded_generator(seed):
-    """torch's default CPU generator seeded with `seed` inside the block, as SeededDataset seeds it; in the training
-    process (no loader worker) its previous state is restored after, so that loading in the main process
-    (--num-workers 0) does not disturb the run's other draws."""
-    saved = None if torch.utils.data.get_worker_info() is not None else torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.set_rng_state(saved)
 
 
 def read_jpeg(path):
@@ -163,7 +148,8 @@ class DecodeDataset(torch.utils.data.Dataset):
         """The device path of a CPU path's SeededDataset: an ImageFolder with image_transform(T) (T read back from
         its `image`), or SemMAE's WithParts(folder, ids) with joint_transform (its `image`, `patch`, `num_parts`)."""
         base, transform = seeded.base, seeded.transform
-        check_device_decode("synthetic" if isinstance(base, SyntheticShapes) else "files")
+        if isinstance(base, SyntheticShapes):
+            check_device_decode("synthetic")
         if not isinstance(getattr(transform, "image", None), v2.Compose):
             raise UserError("--decode device reproduces image transforms of the form v2.Compose([ToImage(), crop, "
                             "RandomHorizontalFlip(), ...]); use --decode cpu here")
@@ -181,7 +167,7 @@ class DecodeDataset(torch.utils.data.Dataset):
             return self.finished(i, seed)
         data, (height, width) = jpeg
         g, rng = self.geometry, torch.zeros(self.rng_bytes, dtype=torch.uint8)
-        with seeded_generator(seed):
+        with seeded_draws(seed):
             box, flipped = g.draw(height, width)
             if self.rng_bytes:
                 rng = torch.get_rng_state()
@@ -305,63 +291,3 @@ class DeviceDecoder:
                 t.record_stream(stream)  # the allocator must not reuse their memory before the caller's work ends
         return decoded
 
-
-# ------------------------------------------------------------------------------------------------ benchmark
-def drain(it, count):
-    """Take `count` items of an iterator, keeping none (a benchmark's memory is that of one batch at a time)."""
-    for _ in range(count):
-        next(it)
-
-
-def bench_decode(root, workers=(1, 2), batch=64, size=224, device="cpu", batches=8, repeats=3):
-    """images/s of the CPU path (SeededDataset: decode + crop + flip + normalise in the workers), of the device
-    path (the workers read bytes and draw; the decoder decodes, crops and normalises on `device`) and of its workers
-    alone ('payload': what they can feed a decoder), per worker count, the paths alternating, `repeats` times, the
-    first batch of each loader untimed; then the decoder alone on payloads read in advance ('decoder', workers=0),
-    with on CUDA the peak memory torch allocated while decoding one batch after another, in GiB (nvJPEG's own
-    buffers are not counted); and the mean and max |device - cpu| over one batch (normalised units: 0 on the CPU,
-    nvJPEG's difference on CUDA). One line per measurement, then the medians."""
-    from tools.bench import timed
-    device = torch.device(device)
-    folder = ImageFolder(root)
-    cpu = SeededDataset(folder, image_transform(pretrain_transform(size)))
-    dataset = DecodeDataset(folder, pretrain_transform(size), cpu)
-    decoder = DeviceDecoder(dataset, device)
-    count = min(batches, len(folder) // batch - 1)
-    if count < 1:
-        raise UserError(f"{root} has {len(folder)} images: bench_decode needs at least 2 batches of {batch}")
-
-    def rate(path, n):
-        loader = make_loader(cpu if path == "cpu" else dataset, batch, n, ResumableSampler(len(folder), batch))
-        it = decoder.batches(iter(loader)) if path == "device" else iter(loader)
-        next(it)  # start-up (worker processes, first batch) not timed
-        seconds, _ = timed(lambda: drain(it, count), device)
-        del it, loader
-        return count * batch / seconds
-
-    print(f"bench_decode: {len(folder)} images, {count} timed batches of {batch} per loader, torch threads "
-          f"{torch.get_num_threads()} in this process (the decoder's CPU work runs here)", flush=True)
-    rows = {}
-    for r in range(repeats):
-        for n in workers:
-            for path in ("cpu", "device", "payload"):
-                rows.setdefault((path, n), []).append(rate(path, n))
-                print(f"repeat={r} path={path} workers={n} batch={batch} size={size} device={device} "
-                      f"images_per_s={rows[path, n][-1]:.1f}", flush=True)
-    payloads = list(itertools.islice(make_loader(dataset, batch, 0, ResumableSampler(len(folder), batch)), count + 1))
-    first = decoder(payloads[0])[0].cpu()  # also the warm-up (nvJPEG's set-up on CUDA)
-    keys = zip(payloads[0]["index"].tolist(), payloads[0]["seed"].tolist())
-    diff = (first - torch.stack([cpu[key][0] for key in keys])).abs()  # against the CPU path, normalised units
-    print(f"difference device-cpu batch={batch} mean_abs={diff.mean():.4g} max_abs={diff.max():.4g}", flush=True)
-    memory = None
-    for r in range(repeats):
-        seconds, memory = timed(lambda: drain(map(decoder, payloads[1:]), count), device)
-        rows.setdefault(("decoder", 0), []).append(count * batch / seconds)
-        print(f"repeat={r} path=decoder workers=0 batch={batch} size={size} device={device} "
-              f"images_per_s={rows['decoder', 0][-1]:.1f}" + (f" peak_mem_gib={memory:.3f}" if memory else ""),
-              flush=True)
-    medians = {key: statistics.median(v) for key, v in rows.items()}
-    for (path, n), value in medians.items():
-        print(f"median path={path} workers={n} batch={batch} images_per_s={value:.1f}", flush=True)
-    return {"images_per_s": {f"{p}/{n}": v for (p, n), v in medians.items()}, "peak_mem_gib": memory,
-            "mean_abs_diff": float(diff.mean()), "images": len(folder), "batches": count}

@@ -26,7 +26,7 @@ its map (patch grid in the PALETTE colours), the map over the image (half and ha
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, run_main
+from cli import ArgumentParser, UserError, check_device, run_main
 from common import build_dataset, eval_transform
 from figures import denormalize, sample_across_classes, save_figure
 from eval_utils import load_vit
@@ -154,6 +154,7 @@ def check_args(args, vit):
     depth = len(vit.blocks)
     if args.layer is not None and not 1 <= args.layer <= depth:
         raise UserError(f"--layer must be between 1 and the encoder's depth {depth}, got {args.layer}")
+    check_device(args)
 
 
 def main(args):

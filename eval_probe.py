@@ -107,6 +107,9 @@ def clamp_ks(nb_knn, voters, what, dist):
     return ks
 
 
+def knn_accuracy(votes, labels):
+    """{str(k): {top1, top5}} of knn_votes' scores, each k's top-5 over its first min(5, k) predictions."""
+    return {str(k): dict(zip(("top1", "top5"), accuracy(scores, labels, max_rank=k))) for k, scores in votes.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- linear head
@@ -348,8 +351,7 @@ def run_fewshot(classes, train, val, row, args, dist):
     for t in range(args.trials):
         idx = fewshot_subset(train_l, num_classes, args.shots, args.seed, t).to(train_l.device)
         if args.mode == "knn":
-            votes = knn_votes(train_f[idx], train_l[idx], val_f, ks, args.temperature, num_classes)
-            knn = {str(k): dict(zip(("top1", "top5"), accuracy(votes[k], val_l, max_rank=k))) for k in ks}
+            knn = knn_accuracy(knn_votes(train_f[idx], train_l[idx], val_f, ks, args.temperature, num_classes), val_l)
             res = dict(top1=knn[str(best_k)]["top1"], top5=knn[str(best_k)]["top5"], knn=knn)
         else:
             w, grad_max = fit_logistic_regression(train_f[idx], train_l[idx], num_classes, args.lambd)
@@ -437,8 +439,7 @@ def main(args):
             raise UserError(f"k-NN needs at least {1 + int(args.loo)} images in the {'val' if args.loo else 'train'} "
                             f"split")
         ks = clamp_ks(args.nb_knn, voters, f"{'other val' if args.loo else 'training'} images", dist)
-        votes = knn_votes(*train, val[0], ks, args.temperature, num_classes, exclude_self=args.loo)
-        knn = {str(k): dict(zip(("top1", "top5"), accuracy(votes[k], val[1], max_rank=k))) for k in ks}
+        knn = knn_accuracy(knn_votes(*train, val[0], ks, args.temperature, num_classes, exclude_self=args.loo), val[1])
         for k in ks:
             dist.print(f"{k}-NN: top-1 {knn[str(k)]['top1']:.2f}  top-5 {knn[str(k)]['top5']:.2f}")
         best_k = 1 if args.loo else 20 if 20 in ks else ks[-1]  # Latent MIM reports leave-one-out 1-NN, DINO k = 20
@@ -505,7 +506,7 @@ def build_parser():
                                                 "||W||^2; MSN uses 0.00025 (default: DINO's 0.1 with --shots)")
     a("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     a("--seed", type=int, default=0, help="seed of the head's initial weights, data order and augmentation, and of "
-                                                  "the few-shot subsets")
+                                          "the few-shot subsets")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is a GPU")
     a("--log-every", type=int, default=20, help="running loss every N optimizer steps in the progress bar")
     add_decode_arg(p)

@@ -120,7 +120,7 @@ def output_path(args):
     path = Path(args.output) if args.output else Path(args.ckpt).parent / "probe.jsonl"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        open(path, "a").close()  # fail now, not after hours of probing
+        open(path, "a").close()  # fail now, not after hours of evaluation
     except OSError as e:
         raise UserError(f"cannot write the results to {path} ({e.strerror or e}); pass --output") from None
     return path
@@ -130,7 +130,6 @@ def append_rows(path, *rows):
     """Append result rows to a .jsonl file, one JSON object per line, in one write."""
     with open(path, "a") as f:
         f.write("".join(json.dumps(row) + "\n" for row in rows))
-
 
 
 POOLS = ("cls", "mean", "mae-mean", "prenorm-mean")
@@ -185,7 +184,6 @@ def extract_dataset(vit, dataset, args, dist, desc):
         raise FloatingPointError(f"the encoder of {args.ckpt} gives non-finite features for {bad} of {len(feats)} "
                                  f"{desc.split()[0]} images: its weights hold NaN or inf; evaluate another checkpoint")
     return feats, labels
-
 
 
 # ----------------------------------------------------------------------------------------------------------- top-k

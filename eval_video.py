@@ -16,7 +16,7 @@ annotation, every frame except the first and the last; J_m and F_m = means over 
 object's mean over its frames; J&F_m = (J_m + F_m) / 2. A copy-first baseline (frame 0's masks on every frame) is
 scored alongside. Results: one JSON line per video and a summary line in probe.jsonl next to the checkpoint.
 """
-import json, math, time
+import math, time
 from collections import deque
 from pathlib import Path
 
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import ArgumentParser, UserError, run_main
+from cli import ArgumentParser, UserError, check_device, run_main
 from common import read_image
-from eval_utils import load_vit
+from eval_utils import append_rows, load_vit, output_path
 from train_utils import pick_device
 
 # DINO's colour normalisation for this protocol (eval_video_segmentation.py): ImageNet's mean and std, except that
@@ -364,18 +364,7 @@ def check_args(args):
         raise UserError("--n-last-frames and --size-mask-neighborhood must be >= 0, --topk and --short-side >= 1")
     if not args.temperature > 0:  # also refuses nan
         raise UserError(f"--temperature must be positive, got {args.temperature}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA GPU (use --device cpu or auto)")
-
-
-def output_path(args):
-    path = Path(args.output) if args.output else Path(args.ckpt).parent / "probe.jsonl"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        open(path, "a").close()  # fail now, not after the videos
-    except OSError as e:
-        raise UserError(f"cannot write the results to {path} ({e.strerror or e}); pass --output") from None
-    return path
+    check_device(args)
 
 
 def evaluate_video(vit, name, frame_paths, ann_paths, args, device):
@@ -416,26 +405,25 @@ def main(args):
     out, t0 = output_path(args), time.perf_counter()
     base = {"eval": "davis2017", "ckpt": str(args.ckpt)}
     results = {"propagation": ([], []), "copy_first": ([], [])}  # per video: J [objects], F [objects]
-    with open(out, "a") as f:
-        for name, frame_paths, ann_paths in videos:
-            scores = evaluate_video(vit, name, frame_paths, ann_paths, args, device)
-            row = {**base, "row": "video", "video": name, "frames": len(frame_paths),
-                   "objects": len(scores["propagation"][0])}
-            for kind, (j, fm) in scores.items():
-                results[kind][0].append(j)
-                results[kind][1].append(fm)
-                row[kind] = {"J": (100 * j).tolist(), "F": (100 * fm).tolist(), **summary([j], [fm])}
-            f.write(json.dumps(row) + "\n")
-            print(f"{name}: {row['objects']} objects, {len(frame_paths)} frames: {line(row['propagation'])}  "
-                  f"(copy-first {row['copy_first']['J&F_m']:.1f})", flush=True)
-        ours, copy = summary(*results["propagation"]), summary(*results["copy_first"])
-        flags = {k: getattr(args, k) for k in ("n_last_frames", "topk", "size_mask_neighborhood", "temperature",
-                                               "short_side")}
-        position = getattr(vit, "checkpoint_position", {})
-        row = {**base, "row": "summary", "ckpt_step": position.get("step"), "ckpt_epoch": position.get("epoch"),
-               "data": str(args.data), "videos": len(videos), "objects": len(torch.cat(results["propagation"][0])),
-               **ours, "copy_first": copy, **flags, "device": str(device), "time_s": time.perf_counter() - t0}
-        f.write(json.dumps(row) + "\n")
+    for name, frame_paths, ann_paths in videos:
+        scores = evaluate_video(vit, name, frame_paths, ann_paths, args, device)
+        row = {**base, "row": "video", "video": name, "frames": len(frame_paths),
+               "objects": len(scores["propagation"][0])}
+        for kind, (j, fm) in scores.items():
+            results[kind][0].append(j)
+            results[kind][1].append(fm)
+            row[kind] = {"J": (100 * j).tolist(), "F": (100 * fm).tolist(), **summary([j], [fm])}
+        append_rows(out, row)  # video by video: a stopped evaluation keeps the videos done
+        print(f"{name}: {row['objects']} objects, {len(frame_paths)} frames: {line(row['propagation'])}  "
+              f"(copy-first {row['copy_first']['J&F_m']:.1f})", flush=True)
+    ours, copy = summary(*results["propagation"]), summary(*results["copy_first"])
+    flags = {k: getattr(args, k) for k in ("n_last_frames", "topk", "size_mask_neighborhood", "temperature",
+                                           "short_side")}
+    position = getattr(vit, "checkpoint_position", {})
+    row = {**base, "row": "summary", "ckpt_step": position.get("step"), "ckpt_epoch": position.get("epoch"),
+           "data": str(args.data), "videos": len(videos), "objects": len(torch.cat(results["propagation"][0])),
+           **ours, "copy_first": copy, **flags, "device": str(device), "time_s": time.perf_counter() - t0}
+    append_rows(out, row)
     print(f"copy-first baseline: {line(copy)}", flush=True)
     print(f"davis {Path(args.ckpt).name} ({len(videos)} videos, {row['objects']} objects): {line(ours)}  -> {out}",
           flush=True)

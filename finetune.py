@@ -8,7 +8,6 @@ decay, RandAugment, random erasing, mixup / cutmix and label smoothing, in the l
 Output: checkpoint.pth (the last), checkpoint-best.pth (best top-1) and log.jsonl (train loss, lr, val top-1 / top-5 /
 loss every --eval-every epochs) in --output-dir; the final numbers in probe.jsonl next to the checkpoint (--output).
 """
-import contextlib
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from torchvision.transforms import v2
 
 from cli import ArgumentParser, UserError, add_run_args, check_common_args, check_lr_and_device, run_main, stop_signal
 from common import (IMAGENET_MEAN, IMAGENET_STD, SeededDataset, build_dataset, eval_transform, image_transform,
-                    make_loader, mix_seed)
+                    make_loader, mix_seed, seeded_draws)
 from eval_utils import add_encoder_args, append_rows, label_rank, load_encoder, output_path, report_bad
 from train_utils import Dist, TrainRun, autocast, encoder_export, load_checkpoint, save_checkpoint
 
@@ -141,17 +140,6 @@ def finetune_train_transform(size, randaug_ops=2, randaug_magnitude=9, reprob=0.
                        v2.RandomErasing(reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")])
 
 
-@contextlib.contextmanager
-def seeded_cpu_rng(seed):
-    """torch's default CPU generator seeded with `seed` inside the block, its previous state restored after."""
-    state = torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
-
-
 class BatchMix:
     """MAE's mixup / cutmix with label smoothing (timm's Mixup, mode 'batch', prob 1, as main_finetune.py sets it):
     a micro-batch is mixed with itself in another order, one lambda for the whole batch. When both are on, CutMix
@@ -182,12 +170,10 @@ class BatchMix:
         if self.mix is None:
             targets = F.one_hot(labels, self.num_classes).float()
         else:
-            with seeded_cpu_rng(seed):
+            with seeded_draws(seed):
                 imgs, targets = self.mix(imgs, labels)
         return imgs, targets * (1.0 - self.smoothing) + self.smoothing / self.num_classes
 
-
-@torch.no_grad()
 
 @torch.no_grad()
 def evaluate_classifier(model, loader, dist, dataset=None):

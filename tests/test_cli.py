@@ -9,13 +9,13 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import common
 import cli
+import train_log
 import train_utils
 from conftest import ROOT, argv, subprocess_env
 
@@ -250,7 +250,7 @@ def test_first_line_on_rank_0_only(monkeypatch, capsys):
 
 def logger_run(every, steps=6):
     """A StepLogger of one epoch of `steps` steps (loss as a device tensor, lr as a float), then its summary."""
-    logger = train_utils.StepLogger(train_utils.Dist("cpu"), logger_run.folder, every=every, total_steps=steps)
+    logger = train_log.StepLogger(train_utils.Dist("cpu"), logger_run.folder, every=every, total_steps=steps)
     for step in range(1, steps + 1):
         logger.update(step, {"loss": torch.tensor(0.5), "lr": 1e-3 * step}, images=4, data_time=0.0)
     logger.epoch_summary(0, lr=1e-3 * steps)
@@ -394,8 +394,8 @@ def test_step_lines_show_step_loss_lr_images_per_s_and_eta_only(tmp_path, monkey
 
 
 def test_the_bar_shows_loss_lr_and_images_per_s(tmp_path, monkeypatch):
-    term = as_terminal(monkeypatch)
-    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1, total_steps=3)
+    as_terminal(monkeypatch)
+    logger = train_log.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1, total_steps=3)
     for step in range(1, 4):
         logger.update(step, {"loss": torch.tensor(0.5), "lr": 1e-3, "sim_pred": torch.tensor(0.9), "gamma": 0.7},
                       images=4, data_time=0.0)
@@ -407,7 +407,7 @@ def test_the_bar_shows_loss_lr_and_images_per_s(tmp_path, monkeypatch):
 
 
 def test_numbers_are_plain():
-    assert [train_utils.number_text(v) for v in (32820.4, 9999.4, 0.5, 4.69e-06, 3, 1e5)] == [
+    assert [train_log.number_text(v) for v in (32820.4, 9999.4, 0.5, 4.69e-06, 3, 1e5)] == [
         "32820", "9999", "0.5", "4.69e-06", "3", "100000"]
 
 

@@ -12,12 +12,13 @@ import torch
 import common
 import figures
 import eval_utils
+import output_lock
+import train_log
 import train_utils
 import cli
 from tools import bench
 from common import (ResumableSampler, SeededDataset, StepRandom, SyntheticShapes, build_vit, get_2d_sincos_pos_embed,
                     patchify, random_masking, unpatchify)
-from cli import UserError
 
 
 # ------------------------------------------------------------------------------------------------ position embeddings
@@ -316,7 +317,7 @@ def test_imagefolder_errors_and_bad_images(tmp_path, capsys):
     x, label, bad = ds[1]
     assert bad == 1 and x.shape == (3, 32, 32)  # replaced by the next readable image (wrapping around)
     assert ds[0][2] == -1
-    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
+    logger = train_log.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
     logger.note_bad(torch.tensor([-1, 1, 2, 1]), ds)
     logger.note_bad(torch.tensor([1]), ds)
     err = capsys.readouterr().err
@@ -421,16 +422,16 @@ def test_output_dir_not_writable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match="not writable"):
-        train_utils.check_output_dir(blocker / "out")
+        output_lock.check_output_dir(blocker / "out")
 
 
 def test_non_finite_guard_names_the_step():
-    guard = train_utils.NonFiniteGuard()
+    guard = train_log.NonFiniteGuard()
     guard.check(torch.tensor(1.0), 0)
     guard.check(torch.tensor(float("nan")), 1)  # read one step later, without a sync
     with pytest.raises(FloatingPointError, match="step 1"):
         guard.check(torch.tensor(1.0), 2)
-    guard = train_utils.NonFiniteGuard()
+    guard = train_log.NonFiniteGuard()
     guard.check(torch.tensor(float("inf")), 7)
     with pytest.raises(FloatingPointError, match="step 7"):
         guard.flush()  # before a checkpoint is written

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 import common
+import train_log
 import train_utils
 import eval_probe as ep
 from common import DataError, ImageFolder, SeededDataset
-from cli import UserError
 
 SIZE = 32
 
@@ -68,7 +68,7 @@ def test_bomb_png_is_skipped_reported_and_replaced_within_its_class(tmp_path, ca
     assert (label, bad) == (0, bomb) and x.shape == (3, SIZE, SIZE)
     # replaced by the next image of class a, wrapping around: a/0.jpg, not b/0.jpg (the next file of the dataset)
     assert torch.equal(x, dataset(folder)[0][0])
-    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
+    logger = train_log.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
     logger.note_bad(torch.tensor([-1, bomb, bomb]), dataset(folder))
     assert capsys.readouterr().err.count("skipped unreadable image") == 1 and logger.bad_in_epoch == 2
 
@@ -185,13 +185,13 @@ def test_data_error_from_a_loader_worker_keeps_its_one_line_message(tmp_path):
 
 def test_too_large_a_share_of_unreadable_samples_stops_the_run(tmp_path):
     folder = ImageFolder(broken_folder(tmp_path / "data", classes=1, per_class=3))
-    logger = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
+    logger = train_log.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
     logger.note_bad(torch.zeros(100, dtype=torch.long), dataset(folder))  # a first batch of bad images only
     for _ in range(8):  # 100 of 900 samples, but fewer than BAD_MIN_SAMPLES = 1000 read: goes on
         logger.note_bad(torch.full((100,), -1), dataset(folder))
     with pytest.raises(DataError, match="110 of the 1000 images read so far were unreadable \\(more than 10%\\)"):
         logger.note_bad(torch.tensor([0] * 10 + [-1] * 90), dataset(folder))
-    ok = train_utils.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
+    ok = train_log.StepLogger(train_utils.Dist("cpu"), tmp_path, every=1)
     for _ in range(10):
         ok.note_bad(torch.tensor([0] * 10 + [-1] * 90), dataset(folder))  # exactly 10%: not more, goes on
     assert ok.bad_read == 100 and ok.samples_read == 1000

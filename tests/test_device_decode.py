@@ -25,7 +25,7 @@ import semmae
 import cli
 import train_utils
 from common import (DataError, ImageFolder, ResumableSampler, SeededDataset, SyntheticShapes, eval_transform,
-                    image_transform, make_loader, pretrain_transform)
+                    image_transform, make_loader, pretrain_transform, seeded_draws)
 from tools.bench import make_jpeg_folder
 
 SIZE = 32
@@ -127,13 +127,13 @@ def test_boxes_and_flips_are_the_cpu_transforms(height, width):
     img = torch.randint(256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     flips = 0
     for seed in range(40):
-        with dd.seeded_generator(seed):
+        with seeded_draws(seed):
             box, flipped = geometry.draw(height, width)
-        with dd.seeded_generator(seed):
+        with seeded_draws(seed):
             hand = rrc_box_by_hand(height, width, (0.2, 1.0), (3 / 4, 4 / 3))
             hand_flip = torch.rand(1).item() < 0.5  # RandomHorizontalFlip(p=0.5): flips when rand < p
         assert (box, flipped) == (hand, hand_flip)
-        with dd.seeded_generator(seed):  # the CPU transform on a noise image: only this box and flip give its output
+        with seeded_draws(seed):  # the CPU transform on a noise image: only this box and flip give its output
             expected = cpu(img)
         assert torch.equal(geometry.rest(geometry.apply(img, box, flipped)), expected)
         flips += flipped
@@ -147,11 +147,11 @@ def test_tf_crop_box_through_the_probe_transform():
     img = torch.randint(256, (3, 70, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     cpu = eval_probe.probe_train_transform(SIZE)
     for seed in range(30):
-        with dd.seeded_generator(seed):
+        with seeded_draws(seed):
             box, flipped = geometry.draw(70, 90)
-        with dd.seeded_generator(seed):
+        with seeded_draws(seed):
             assert box == eval_probe.tf_crop_params(70, 90)
-        with dd.seeded_generator(seed):
+        with seeded_draws(seed):
             expected = cpu(img)
         assert torch.equal(geometry.rest(geometry.apply(img, box, flipped)), expected)
 
@@ -276,9 +276,9 @@ def test_synthetic_data_and_other_transforms_are_refused():
     with pytest.raises(ValueError, match="box="):  # a crop whose box the workers cannot draw
         dd.Geometry(v2.Compose([v2.ToImage(), v2.RandomCrop(SIZE), v2.RandomHorizontalFlip()]))
     probe = dd.Geometry(eval_probe.probe_train_transform(SIZE))  # the TF-style crop gives its own box draw
-    with dd.seeded_generator(7):
+    with seeded_draws(7):
         drawn = probe.draw(300, 500)[0]
-    with dd.seeded_generator(7):
+    with seeded_draws(7):
         assert drawn == eval_probe.tf_crop_params(300, 500)
     assert isinstance(dd.Geometry(pretrain_transform(SIZE)).crop, v2.RandomResizedCrop)
 

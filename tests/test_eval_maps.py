@@ -146,6 +146,15 @@ def test_bad_flags_are_one_line_errors(tmp_path, micro_ckpt, flags, message):
     assert not (tmp_path / "maps.png").exists()
 
 
+
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, micro_ckpt, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has one
+    with pytest.raises(ValueError) as err:
+        run(micro_ckpt, tmp_path / "maps.png", "--device", "cuda")
+    assert str(err.value) == "--device cuda but torch sees no CUDA GPU (use --device cpu or auto)"
+    assert not (tmp_path / "maps.png").exists()
+
+
 def test_per_dataset_allows_more_clusters_than_one_image_has_patches(tmp_path, micro_ckpt):
     labels = run(micro_ckpt, tmp_path / "maps.png", "--clusters", "17", "--images", "2", "--per-dataset")
     assert labels.shape == (2, 16) and int(labels[0, 0]) == 0 and int(labels.max()) <= 16

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from common import Block, MAEDecoder, build_adamw, get_2d_sincos_pos_embed, patchify
-from cli import UserError
 from eval_utils import load_vit
 from train_utils import load_checkpoint
 from conftest import step_rng

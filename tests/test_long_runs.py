@@ -22,8 +22,8 @@ import torch
 
 import common
 import cli as cli_module
+import output_lock
 import train_utils
-from cli import UserError
 from conftest import (ROOT, SCRIPTS, argv, assert_equivalent_runs, assert_same_state, run_inprocess, script_cmd,
                       subprocess_env)
 
@@ -346,15 +346,15 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------- the folder lock
 def write_lock(folder, age=0.0, **owner):
-    path = folder / train_utils.LOCK_FILE
+    path = folder / output_lock.LOCK_FILE
     path.write_text(json.dumps(owner))
     os.utime(path, (time.time() - age, time.time() - age))
     return path
 
 
 def test_the_output_lock_takes_over_only_the_locks_of_ended_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_utils, "LOCK_HEARTBEAT_S", 0.05)
-    lock = train_utils.OutputLock(tmp_path)
+    monkeypatch.setattr(output_lock, "LOCK_HEARTBEAT_S", 0.05)
+    lock = output_lock.OutputLock(tmp_path)
     lock.start()
     me = json.loads((tmp_path / ".lock").read_text())
     assert (me["host"], me["pid"]) == (socket.gethostname(), os.getpid())
@@ -365,29 +365,29 @@ def test_the_output_lock_takes_over_only_the_locks_of_ended_runs(tmp_path, monke
     assert not (tmp_path / ".lock").exists()
 
     parent = os.getppid()  # alive, and not us
-    live = {**me, "pid": parent, "start": train_utils.process_start(parent)[1]}
+    live = {**me, "pid": parent, "start": output_lock.process_start(parent)[1]}
     write_lock(tmp_path, **live)
     with pytest.raises(ValueError, match=f"is in use by another run: host {me['host']}, pid {parent}, started "):
-        train_utils.OutputLock(tmp_path)
+        output_lock.OutputLock(tmp_path)
     ended = subprocess.Popen(["true"])
     ended.wait()
     for owner in ({**live, "pid": ended.pid}, {**live, "start": "0"}, {**live, "boot": "another boot"},
                   {**me, "host": "other-node"}):  # pid gone, pid reused, host rebooted, another host's stale lock
-        write_lock(tmp_path, age=train_utils.LOCK_STALE_S + 1, **owner)
-        train_utils.OutputLock(tmp_path).release()
+        write_lock(tmp_path, age=output_lock.LOCK_STALE_S + 1, **owner)
+        output_lock.OutputLock(tmp_path).release()
         assert "warning: taking over the lock of host " in capsys.readouterr().err
 
-    monkeypatch.setattr(train_utils, "LOCK_STALE_S", 0.5)
+    monkeypatch.setattr(output_lock, "LOCK_STALE_S", 0.5)
     path = write_lock(tmp_path, **{**me, "host": "other-node"})  # fresh: its owner may be alive on the other node
     t0 = time.time()
-    train_utils.OutputLock(tmp_path).release()  # waited for the heartbeat to stop, then took it over
+    output_lock.OutputLock(tmp_path).release()  # waited for the heartbeat to stop, then took it over
     assert 0.4 < time.time() - t0 < 5 and "waiting up to 0.5 s for its heartbeat to stop" in capsys.readouterr().out
     write_lock(tmp_path, **{**me, "host": "other-node"})
     stop = threading.Event()
-    threading.Thread(target=train_utils.lock_heartbeat, args=(path, stop), daemon=True).start()  # alive over there
+    threading.Thread(target=output_lock.lock_heartbeat, args=(path, stop), daemon=True).start()  # alive over there
     try:
         with pytest.raises(ValueError, match="is in use by another run: host other-node"):
-            train_utils.OutputLock(tmp_path)
+            output_lock.OutputLock(tmp_path)
     finally:
         stop.set()
 
@@ -611,7 +611,7 @@ def test_a_stale_lock_that_cannot_be_removed_is_one_line_not_a_loop(tmp_path, mo
     monkeypatch.setattr(Path, "unlink", read_only)
     t0 = time.time()
     with pytest.raises(ValueError) as info:
-        train_utils.OutputLock(tmp_path)
+        output_lock.OutputLock(tmp_path)
     assert time.time() - t0 < 5 and str(info.value) == (
         f"cannot remove the stale lock {lock} of host {me['host']}, pid 999999999, started 2026-12-01 (Read-only file "
         f"system): make {tmp_path} writable, or use another --output-dir")
@@ -621,18 +621,18 @@ def test_a_stale_lock_that_cannot_be_removed_is_one_line_not_a_loop(tmp_path, mo
 @pytest.mark.parametrize("text", ["", "{\"host\": \"some-n"])
 def test_an_empty_or_unreadable_lock_is_stale_once_its_owner_had_time_to_write_it(text, tmp_path, monkeypatch,
                                                                                    capsys):
-    monkeypatch.setattr(train_utils, "LOCK_UNWRITTEN_S", 0.5)
-    path = tmp_path / train_utils.LOCK_FILE
+    monkeypatch.setattr(output_lock, "LOCK_UNWRITTEN_S", 0.5)
+    path = tmp_path / output_lock.LOCK_FILE
     path.write_text(text)  # a run killed between creating the lock and writing its owner into it
     t0 = time.time()
-    lock = train_utils.OutputLock(tmp_path)  # waits up to LOCK_UNWRITTEN_S (not LOCK_STALE_S = 300 s), then takes it
+    lock = output_lock.OutputLock(tmp_path)  # waits up to LOCK_UNWRITTEN_S (not LOCK_STALE_S = 300 s), then takes it
     assert 0.4 < time.time() - t0 < 5
     assert json.loads(path.read_text())["pid"] == os.getpid()  # written at creation
     lock.release()
     path.write_text(text)
     os.utime(path, (time.time() - 1, time.time() - 1))  # already older than LOCK_UNWRITTEN_S: taken at once
     t0 = time.time()
-    train_utils.OutputLock(tmp_path).release()
+    output_lock.OutputLock(tmp_path).release()
     assert time.time() - t0 < 0.3 and "warning: taking over the lock of an " in capsys.readouterr().err
 
 
@@ -640,7 +640,7 @@ def test_a_stop_signal_while_waiting_for_another_hosts_lock_exits_75(tmp_path, m
     write_lock(tmp_path, host="other-node", pid=1, started="2026-12-01")  # fresh: we would wait 300 s
     monkeypatch.setattr(cli_module, "_stop_signal", [signal.SIGTERM])
     with pytest.raises(cli_module.Requeue, match="SIGTERM while waiting for the lock of host other-node, pid 1"):
-        train_utils.OutputLock(tmp_path)
+        output_lock.OutputLock(tmp_path)
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_naming_the_copies_to_go_on_from(tmp_path, monkeypatch, capsys):

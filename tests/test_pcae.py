@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from common import build_adamw, build_vit, patchify, standardize_tokens
-from cli import UserError
 from train_utils import load_checkpoint
 from conftest import step_rng
 import pcae

@@ -11,6 +11,7 @@ import torch
 
 import common
 import eval_utils
+import train_log
 import train_utils
 from tools import bench
 from conftest import SCRIPTS, argv
@@ -96,7 +97,7 @@ def test_attention_flops_forward_backward_as_torch_counts_cuda():
 def test_mfu_and_rates_arithmetic(tmp_path):
     dist = train_utils.Dist("cpu")
     dist.world = 2  # two processes of which this is one
-    logger = train_utils.StepLogger(dist, tmp_path)
+    logger = train_log.StepLogger(dist, tmp_path)
     logger.flops_per_image, logger.peak = 1e9, 1e12
     rates = logger.rates(images=100, data_time=0.25, seconds=1.0)
     assert rates["images_per_s"] == 200  # 100 per process x 2 processes
@@ -195,7 +196,7 @@ def test_loader_benchmark_on_generated_jpegs(tmp_path, capsys):
     from PIL import Image
     with Image.open(files[0]) as img:
         assert 400 <= img.size[0] < 600 and 300 <= img.size[1] < 450
-    from device_decode import bench_decode
+    from tools.bench import bench_decode
     result = bench_decode(tmp_path, workers=(0,), batch=4, size=64, batches=1, repeats=1)
     rates = result["images_per_s"]
     assert set(rates) == {"cpu/0", "device/0", "payload/0", "decoder/0"} and min(rates.values()) > 0

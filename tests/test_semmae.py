@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import semmae
 from common import StepRandom, build_adamw, build_dataset, build_vit
 from figures import denormalize
-from cli import UserError
 from train_utils import encoder_export, load_checkpoint, save_checkpoint
 from conftest import step_rng
 

@@ -3,15 +3,18 @@ the logs' MFU, and the data-loader benchmark:
 
     python tools/bench.py bench-loader [--folder DIR] [--images N] [--workers 1,2] [--batch-size 64] [--device cuda]
 """
-import argparse, contextlib, math, sys, time
+import argparse, contextlib, itertools, statistics, sys, time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's modules, also when run as a script
-from common import StepRandom, SyntheticShapes  # noqa: E402
-from train_utils import autocast, number_text  # noqa: E402
+from common import (ImageFolder, ResumableSampler, SeededDataset, StepRandom, SyntheticShapes,  # noqa: E402
+                    image_transform, make_loader, pretrain_transform)
+from cli import UserError  # noqa: E402
+from train_log import number_text  # noqa: E402
+from train_utils import autocast  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- FLOPs and device peaks
@@ -191,9 +194,68 @@ def make_jpeg_folder(root, count, seed=0):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.jpg", quality=90)
 
 
+def drain(it, count):
+    """Take `count` items of an iterator, keeping none (a benchmark's memory is that of one batch at a time)."""
+    for _ in range(count):
+        next(it)
+
+
+def bench_decode(root, workers=(1, 2), batch=64, size=224, device="cpu", batches=8, repeats=3):
+    """images/s of the CPU path (SeededDataset: decode + crop + flip + normalise in the workers), of the device
+    path (the workers read bytes and draw; the decoder decodes, crops and normalises on `device`) and of its workers
+    alone ('payload': what they can feed a decoder), per worker count, the paths alternating, `repeats` times, the
+    first batch of each loader untimed; then the decoder alone on payloads read in advance ('decoder', workers=0),
+    with on CUDA the peak memory torch allocated while decoding one batch after another, in GiB (nvJPEG's own
+    buffers are not counted); and the mean and max |device - cpu| over one batch (normalised units: 0 on the CPU,
+    nvJPEG's difference on CUDA). One line per measurement, then the medians."""
+    from device_decode import DecodeDataset, DeviceDecoder
+    device = torch.device(device)
+    folder = ImageFolder(root)
+    cpu = SeededDataset(folder, image_transform(pretrain_transform(size)))
+    dataset = DecodeDataset(folder, pretrain_transform(size), cpu)
+    decoder = DeviceDecoder(dataset, device)
+    count = min(batches, len(folder) // batch - 1)
+    if count < 1:
+        raise UserError(f"{root} has {len(folder)} images: bench_decode needs at least 2 batches of {batch}")
+
+    def rate(path, n):
+        loader = make_loader(cpu if path == "cpu" else dataset, batch, n, ResumableSampler(len(folder), batch))
+        it = decoder.batches(iter(loader)) if path == "device" else iter(loader)
+        next(it)  # start-up (worker processes, first batch) not timed
+        seconds, _ = timed(lambda: drain(it, count), device)
+        del it, loader
+        return count * batch / seconds
+
+    print(f"bench_decode: {len(folder)} images, {count} timed batches of {batch} per loader, torch threads "
+          f"{torch.get_num_threads()} in this process (the decoder's CPU work runs here)", flush=True)
+    rows = {}
+    for r in range(repeats):
+        for n in workers:
+            for path in ("cpu", "device", "payload"):
+                rows.setdefault((path, n), []).append(rate(path, n))
+                print(f"repeat={r} path={path} workers={n} batch={batch} size={size} device={device} "
+                      f"images_per_s={rows[path, n][-1]:.1f}", flush=True)
+    payloads = list(itertools.islice(make_loader(dataset, batch, 0, ResumableSampler(len(folder), batch)), count + 1))
+    first = decoder(payloads[0])[0].cpu()  # also the warm-up (nvJPEG's set-up on CUDA)
+    keys = zip(payloads[0]["index"].tolist(), payloads[0]["seed"].tolist())
+    diff = (first - torch.stack([cpu[key][0] for key in keys])).abs()  # against the CPU path, normalised units
+    print(f"difference device-cpu batch={batch} mean_abs={diff.mean():.4g} max_abs={diff.max():.4g}", flush=True)
+    memory = None
+    for r in range(repeats):
+        seconds, memory = timed(lambda: drain(map(decoder, payloads[1:]), count), device)
+        rows.setdefault(("decoder", 0), []).append(count * batch / seconds)
+        print(f"repeat={r} path=decoder workers=0 batch={batch} size={size} device={device} "
+              f"images_per_s={rows['decoder', 0][-1]:.1f}" + (f" peak_mem_gib={memory:.3f}" if memory else ""),
+              flush=True)
+    medians = {key: statistics.median(v) for key, v in rows.items()}
+    for (path, n), value in medians.items():
+        print(f"median path={path} workers={n} batch={batch} images_per_s={value:.1f}", flush=True)
+    return {"images_per_s": {f"{p}/{n}": v for (p, n), v in medians.items()}, "peak_mem_gib": memory,
+            "mean_abs_diff": float(diff.mean()), "images": len(folder), "batches": count}
+
+
 if __name__ == "__main__":
     import tempfile
-    from device_decode import bench_decode
     from train_utils import pick_device
     parser = argparse.ArgumentParser(description="Data-loader benchmark, both paths (--decode cpu and device): "
                                                  "`python tools/bench.py bench-loader`")

@@ -70,8 +70,8 @@ def build_parser():
     p = ArgumentParser(prog="tools/export_encoder.py", description="Write a checkpoint's ViT encoder in the layout of "
                                                                    "MAE's mae_pretrain_vit_*.pth (for ViTDet, "
                                                                    "mmsegmentation)")
-    p.add_argument("--ckpt", required=True, help="checkpoint of semmae.py / latent_mim.py / pcae.py / eval_probe.py "
-                                                 "fine-tuning, or a public ViT checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint of semmae.py / latent_mim.py / pcae.py / finetune.py, or "
+                                                 "a public ViT checkpoint")
     p.add_argument("--out", required=True, help="the file to write, e.g. pcae_vit_base.pth")
     p.add_argument("--num-heads", type=int, default=None, help="override the head count inferred for public "
                                                                "checkpoints (not stored in MAE's layout)")
